@@ -1,0 +1,242 @@
+"""GeoLoRAConfig: every knob of a GeoLoRA adapter and of its training step, validated."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft_compat import ensure_peft_type_member
+
+S_UPDATES = ("adam", "sgd")
+BUDGET_TYPES = ("rank", "params")
+BIAS_CHOICES = ("none", "all", "geolora_only")
+
+
+def _fail(name: str, value, expected: str, exc: type[Exception] = ValueError):
+    raise exc(f"GeoLoRAConfig.{name}={value!r} is invalid: {expected}.")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclass
+class GeoLoRAConfig(PeftConfig):
+    """Configuration of a GeoLoRA adapter (Schotthöfer et al., "GeoLoRA: Geometric integration for parameter
+    efficient fine-tuning", ICLR 2025).
+
+    Each adapted weight is ``W0 + s * U S V^T`` with orthonormal ``U`` (out x r), ``V`` (in x r) and a small
+    coefficient matrix ``S`` (r x r), ``s = lora_alpha / r``.  Every optimizer step augments the bases with the
+    gradient directions and truncates ``S`` by SVD, so each layer finds its own rank in ``[r_min, r_max]``.
+
+    Args:
+        r (`int`): Initial rank of every adapted layer (unless `rank_pattern` says otherwise).
+        r_max (`int`): Largest rank a layer may reach; the training capacity. Defaults to `2 * r`.
+        r_min (`int`): Smallest rank a layer is truncated to.
+        tau (`float`): Relative truncation tolerance in [0, 1): a layer keeps the fewest singular values whose
+            discarded tail has norm <= tau * (norm of all singular values).
+        lora_alpha (`float`): Scaling numerator; `s = lora_alpha / r`, constant for the whole run.
+        lora_dropout (`float`): Dropout on the adapter input.
+        s_update (`str`): How the coefficients are updated: `"sgd"` is the paper's Algorithm 1 exactly, `"adam"`
+            is Adam on S with moments rotated into each new basis (see `geolora.optim`).
+        rank_budget (`int`): If set, a global budget replaces per-layer `tau` (the paper's budget variant).
+    """
+
+    r: int = field(default=8, metadata={"help": "Initial rank of every adapted layer (unless rank_pattern says otherwise)."})
+    r_max: Optional[int] = field(
+        default=None,
+        metadata={"help": "Largest rank a layer may reach during training (the capacity allocated). Default: 2 * r."},
+    )
+    r_min: int = field(default=1, metadata={"help": "Smallest rank a layer may be truncated to."})
+    tau: float = field(
+        default=0.1,
+        metadata={
+            "help": "Relative truncation tolerance in [0, 1). After each step a layer keeps the fewest singular values "
+            "of its augmented coefficient matrix such that the discarded tail has norm <= tau * total norm. "
+            "Larger tau gives smaller ranks. Rank growth is governed by lr * ||gradient|| versus tau * ||S||."
+        },
+    )
+    lora_alpha: float = field(
+        default=8, metadata={"help": "Scaling numerator: the update is scaled by s = lora_alpha / r, constant in training."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability applied to the adapter input."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Module names (list: exact or suffix match) or a regex (str) of the modules to adapt; 'all-linear' "
+            "selects every linear/Conv1D layer except the output layer. Default: PEFT's LoRA defaults for the model type."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules NOT to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices (needs a list target_modules)."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the nn.ModuleList holding the layers (e.g. 'layers', 'h'); used with layers_to_transform."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapter layers to train and save in full, e.g. ['classifier']."},
+    )
+    bias: str = field(
+        default="none",
+        metadata={"help": "Which biases to train: 'none', 'all', or 'geolora_only' (biases of adapted layers)."},
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D (set automatically)."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True: S = 0, so the adapted model equals the base model at the start (U, V random orthonormal). "
+            "False: S is a small random diagonal (for tests only)."
+        },
+    )
+    rank_pattern: Optional[dict] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Per-module ranks {module name or regex: rank}. Written with the final per-layer ranks on save, and "
+            "used on load to recreate every layer at exactly its saved rank."
+        },
+    )
+    s_update: Literal["adam", "sgd"] = field(
+        default="adam",
+        metadata={
+            "help": "Coefficient update. 'sgd': the paper's Algorithm 1 exactly (S <- S - lr * grad; needs a large lr). "
+            "'adam': Adam moments on S, rotated into each new basis after augmentation and truncation."
+        },
+    )
+    adam_betas: tuple[float, float] = field(
+        default=(0.9, 0.999), metadata={"help": "Adam betas of the 'adam' coefficient update."}
+    )
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon of the 'adam' coefficient update."})
+    rank_budget: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Global budget instead of per-layer tau: keep the largest singular values across all layers so that "
+            "the total rank (budget_type='rank') or adapter parameter count (budget_type='params') stays within it."
+        },
+    )
+    budget_type: Literal["rank", "params"] = field(
+        default="rank", metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."}
+    )
+    reorthonormalize_every: int = field(
+        default=100,
+        metadata={"help": "Re-orthonormalise U and V by QR every this many steps (0 = never); cheap, guards drift."},
+    )
+    sync_factors_every: int = field(
+        default=0,
+        metadata={
+            "help": "Under torch.distributed, broadcast all factors from process 0 every this many steps (0 = never). "
+            "Ranks are always decided on process 0 and broadcast every step."
+        },
+    )
+    static_shapes: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the forward over all r_max capacity columns (zeros beyond the rank) so torch.compile "
+            "never recompiles when ranks change. Default False: slice to the live rank (faster in eager mode)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type_member()
+        self._validate()
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.adam_betas, list):
+            self.adam_betas = tuple(self.adam_betas)
+
+    def _validate(self) -> None:
+        if not _is_int(self.r):
+            _fail("r", self.r, "expected a positive int", TypeError)
+        if self.r <= 0:
+            _fail("r", self.r, "must be > 0")
+        if self.r_max is None:
+            self.r_max = 2 * self.r
+        if not _is_int(self.r_max):
+            _fail("r_max", self.r_max, "expected a positive int or None", TypeError)
+        if not _is_int(self.r_min):
+            _fail("r_min", self.r_min, "expected a positive int", TypeError)
+        if self.r_min <= 0:
+            _fail("r_min", self.r_min, "must be >= 1")
+        if self.r_min > self.r:
+            _fail("r_min", self.r_min, f"must be <= r (r={self.r})")
+        if self.r > self.r_max:
+            _fail("r", self.r, f"must be <= r_max (r_max={self.r_max})")
+        if not _is_real(self.tau):
+            _fail("tau", self.tau, "expected a float in [0, 1)", TypeError)
+        if not (0.0 <= self.tau < 1.0) or math.isnan(self.tau):
+            _fail("tau", self.tau, "must be in [0, 1)")
+        if not _is_real(self.lora_alpha):
+            _fail("lora_alpha", self.lora_alpha, "expected a number", TypeError)
+        if not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            _fail("lora_alpha", self.lora_alpha, "must be a finite number > 0")
+        if not _is_real(self.lora_dropout):
+            _fail("lora_dropout", self.lora_dropout, "expected a float in [0, 1)", TypeError)
+        if not (0.0 <= self.lora_dropout < 1.0):
+            _fail("lora_dropout", self.lora_dropout, "must be in [0, 1)")
+        if self.bias not in BIAS_CHOICES:
+            _fail("bias", self.bias, f"must be one of {BIAS_CHOICES}")
+        for name in ("fan_in_fan_out", "init_weights", "static_shapes"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "expected a bool", TypeError)
+        if self.s_update not in S_UPDATES:
+            _fail("s_update", self.s_update, f"must be one of {S_UPDATES}")
+        betas = self.adam_betas
+        if (
+            not isinstance(betas, (tuple, list))
+            or len(betas) != 2
+            or not all(_is_real(b) and 0.0 <= b < 1.0 for b in betas)
+        ):
+            _fail("adam_betas", betas, "expected two floats in [0, 1)")
+        if not _is_real(self.adam_eps) or not (self.adam_eps > 0):
+            _fail("adam_eps", self.adam_eps, "must be a float > 0")
+        if self.rank_budget is not None:
+            if not _is_int(self.rank_budget):
+                _fail("rank_budget", self.rank_budget, "expected a positive int or None", TypeError)
+            if self.rank_budget <= 0:
+                _fail("rank_budget", self.rank_budget, "must be > 0")
+        if self.budget_type not in BUDGET_TYPES:
+            _fail("budget_type", self.budget_type, f"must be one of {BUDGET_TYPES}")
+        for name in ("reorthonormalize_every", "sync_factors_every"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                _fail(name, value, "expected an int >= 0")
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if not isinstance(self.rank_pattern, dict):
+            _fail("rank_pattern", self.rank_pattern, "expected a dict {module name: rank}", TypeError)
+        for key, value in self.rank_pattern.items():
+            if not isinstance(key, str):
+                _fail("rank_pattern", key, "keys must be module names (str)", TypeError)
+            if not _is_int(value) or not (1 <= value <= self.r_max):
+                _fail(f"rank_pattern[{key!r}]", value, f"ranks must be ints in [1, r_max={self.r_max}]")
+        if self.layers_pattern and self.layers_to_transform is None:
+            _fail("layers_pattern", self.layers_pattern, "needs layers_to_transform to be set as well")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            _fail("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex str")
+        if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set, tuple)):
+            _fail("target_modules", self.target_modules, "expected a list of names or a regex str", TypeError)
+        if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple, set)):
+            _fail("modules_to_save", self.modules_to_save, "expected a list of module names", TypeError)
+
+    @property
+    def scaling(self) -> float:
+        """``s = lora_alpha / r`` with r the configured initial rank (constant during training)."""
+        return self.lora_alpha / self.r

@@ -1,0 +1,217 @@
+"""GeoLoRAModel(BaseTuner): injection, save/load with per-layer ranks, rank queries."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import get_pattern_key
+from torch import nn
+
+from .config import GeoLoRAConfig
+from .layer import GeoLoRALayer, dispatch_layer
+
+logger = logging.getLogger(__name__)
+
+_FACTOR_NAMES = ("geolora_U", "geolora_S", "geolora_V")
+_PEFT_PREFIX = "base_model.model."
+
+
+def iter_geolora_layers(model: nn.Module) -> Iterator[tuple[str, GeoLoRALayer]]:
+    """All GeoLoRA layers of ``model`` (found by type), with module names relative to the base model."""
+    for name, module in model.named_modules():
+        if isinstance(module, GeoLoRALayer):
+            yield _strip_prefixes(name), module
+
+
+def _strip_prefixes(name: str) -> str:
+    for prefix in ("_orig_mod.", "module."):
+        while name.startswith(prefix):
+            name = name[len(prefix) :]
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX) :]
+    return name
+
+
+def _split_factor_key(key: str, adapter_name: str | None) -> tuple[str, str] | None:
+    """``'a.b.geolora_U.default'`` -> (``'a.b'``, ``'geolora_U'``); None if the key is not a factor."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in _FACTOR_NAMES or part == "geolora_rank":
+            return ".".join(parts[:i]), part
+    return None
+
+
+class GeoLoRAModel(BaseTuner):
+    """GeoLoRA model (Schotthöfer et al., ICLR 2025): ``W0 + s * U S V^T`` on every targeted layer.
+
+    Created by ``peft.get_peft_model(model, GeoLoRAConfig(...))`` once ``geolora`` is imported.  Layers are created
+    at their configured rank (or at ``rank_pattern``'s rank when loading a saved adapter), so adapters load through
+    PEFT and through transformers' own loader.  Training grows them once to ``r_max`` capacity (zero-padded); saving
+    slices each layer back to its live rank and records the ranks in ``rank_pattern``.
+    """
+
+    prefix: str = "geolora_"
+    tuner_layer_cls = GeoLoRALayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _check_new_adapter_config(self, config: GeoLoRAConfig) -> None:
+        super()._check_new_adapter_config(config)
+        trainable = [n for n, c in self.peft_config.items() if not c.inference_mode]
+        if len(trainable) > 1:
+            logger.info(
+                "GeoLoRA: several adapters are not in inference mode (%s); only the active one is trained by the "
+                "GeoLoRA step.",
+                trainable,
+            )
+
+    def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        r_key = get_pattern_key(config.rank_pattern.keys(), current_key)
+        r = config.rank_pattern.get(r_key, config.r)
+        if isinstance(target, GeoLoRALayer):
+            target.update_layer(adapter_name, r, config=config)
+            return
+        new_module = dispatch_layer(target, adapter_name, config, r, current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _check_target_module_exists(config, key):
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        return check_target_module_exists(config, key)
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """Slice every layer to its live rank and write the ranks into ``config.rank_pattern``.
+
+        PeftModel.save_pretrained builds the state dict before it writes adapter_config.json, so the ranks recorded
+        here end up in the JSON (PEFT-INTEGRATION.md).
+        """
+        to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        ranks = {}
+        by_module = {}
+        for name, module in model.named_modules():
+            if isinstance(module, GeoLoRALayer) and adapter_name in module.geolora_U:
+                by_module[name] = module
+        for key in list(to_return):
+            split = _split_factor_key(key, adapter_name)
+            if split is None:
+                continue
+            module_name, kind = split
+            module = by_module.get(module_name)
+            if module is None:
+                continue
+            k = module.r[adapter_name]
+            tensor = to_return[key]
+            if kind == "geolora_S":
+                to_return[key] = tensor[:k, :k].contiguous()
+            elif kind in ("geolora_U", "geolora_V"):
+                to_return[key] = tensor[:, :k].contiguous()
+            elif kind == "geolora_rank":
+                to_return[key] = torch.tensor(k, dtype=torch.long)
+            ranks[_strip_prefixes(module_name)] = k
+        config.rank_pattern = dict(sorted(ranks.items()))
+        return to_return
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Fit compact saved factors into the model's layers: zero-pad into grown capacity, or re-create a layer's
+        factors at the saved rank.  Shapes that cannot fit (different base layer) raise an error naming the layer."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        modules = {}
+        for name, module in model.named_modules():
+            if isinstance(module, GeoLoRALayer) and adapter_name in module.geolora_U:
+                modules[name] = module
+        saved_rank: dict[str, int] = {}
+        for key, tensor in remapped.items():
+            split = _split_factor_key(key, adapter_name)
+            if split is None or split[1] != "geolora_S":
+                continue
+            if tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
+                raise ValueError(f"GeoLoRA: '{key}' has shape {tuple(tensor.shape)}, expected a square (r, r) matrix")
+            saved_rank[split[0]] = tensor.shape[0]
+        for module_name, k in saved_rank.items():
+            module = modules.get(module_name)
+            if module is None:
+                continue
+            _check_saved_shapes(module, module_name, adapter_name, remapped, k)
+            cap = module.capacity(adapter_name)
+            if cap < k:
+                _recreate_factors(module, adapter_name, k)
+                cap = k
+            if cap > k:
+                for kind in _FACTOR_NAMES:
+                    key = f"{module_name}.{kind}.{adapter_name}"
+                    t = remapped[key]
+                    padded = t.new_zeros(cap, cap) if kind == "geolora_S" else t.new_zeros(t.shape[0], cap)
+                    if kind == "geolora_S":
+                        padded[:k, :k] = t
+                    else:
+                        padded[:, :k] = t
+                    remapped[key] = padded
+            rank_key = f"{module_name}.geolora_rank.{adapter_name}"
+            remapped[rank_key] = torch.tensor(k, dtype=torch.long)
+            module.r[adapter_name] = k
+        return remapped
+
+    # ------------------------------------------------------------------ ranks
+    def get_ranks(self, adapter_name: str | None = None) -> dict[str, int]:
+        return get_ranks(self.model, adapter_name or self.active_adapter)
+
+
+def _check_saved_shapes(module: GeoLoRALayer, module_name: str, adapter_name: str, sd: dict, k: int) -> None:
+    expected = {"geolora_U": (module.out_features, k), "geolora_V": (module.in_features, k), "geolora_S": (k, k)}
+    for kind, shape in expected.items():
+        key = f"{module_name}.{kind}.{adapter_name}"
+        if key not in sd:
+            raise ValueError(f"GeoLoRA: the adapter checkpoint has no '{kind}' for layer '{_strip_prefixes(module_name)}'")
+        if tuple(sd[key].shape) != shape:
+            raise ValueError(
+                f"GeoLoRA: layer '{_strip_prefixes(module_name)}' has {kind} of shape {tuple(sd[key].shape)} in the "
+                f"checkpoint but the model expects {shape} (out={module.out_features}, in={module.in_features}, "
+                f"rank={k}); was the adapter trained on a different base model?"
+            )
+
+
+def _recreate_factors(module: GeoLoRALayer, adapter_name: str, k: int) -> None:
+    for kind in _FACTOR_NAMES:
+        params = getattr(module, kind)
+        old = params[adapter_name]
+        shape = (k, k) if kind == "geolora_S" else (old.shape[0], k)
+        params[adapter_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
+
+
+def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
+    """Map module name -> live rank of every GeoLoRA layer, for PEFT models and models loaded through
+    transformers (``model.load_adapter`` / ``add_adapter``).
+
+    Args:
+        model: a ``PeftModel``, a ``GeoLoRAModel`` or any module with GeoLoRA layers injected.
+        adapter_name: which adapter; default: each layer's first active adapter.
+    """
+    ranks = {}
+    for name, layer in iter_geolora_layers(model):
+        adapter = adapter_name
+        if adapter is None:
+            active = [a for a in layer.active_adapters if a in layer.geolora_U]
+            if not active:
+                continue
+            adapter = active[0]
+        if adapter in layer.r:
+            ranks[name] = layer.r[adapter]
+    return ranks
+
+
+def is_geolora_layer(module: nn.Module) -> bool:
+    return isinstance(module, GeoLoRALayer)
+
+
+__all__ = ["GeoLoRAModel", "get_ranks", "iter_geolora_layers", "BaseTunerLayer"]

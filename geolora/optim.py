@@ -1,0 +1,528 @@
+"""The GeoLoRA training step for any loop: an optimizer wrapper.
+
+``GeoLoRAOptimizer.step()``:
+
+1. takes the GeoLoRA directions out of ``U.grad``, ``S.grad``, ``V.grad`` (see :mod:`geolora.layer`), so the wrapped
+   optimizer never touches the bases (no momentum, no weight decay on U, V: torch optimizers skip params whose
+   ``.grad`` is None);
+2. checks every gradient for inf/NaN; computes, batched over layers of the same shape, the augmentation (QR),
+   the augmented coefficients and their SVD; decides every layer's new rank with ONE host synchronisation (under
+   torch.distributed the ranks of process 0 are used by all, and a non-finite gradient on any process skips the
+   step on all);
+3. if anything was non-finite: skips the whole step (factors and the other parameters untouched) and logs a
+   rate-limited warning; else runs the wrapped optimizer on the other trainables (heads, biases) and writes the
+   truncated factors: each layer is augmented and truncated exactly once.
+
+λ (the step size of the factors) is the current ``lr`` of the param group holding the layer's ``S``, as moved by any
+lr scheduler.  A custom loop::
+
+    import geolora, peft, torch
+    model = peft.get_peft_model(base_model, geolora.GeoLoRAConfig(r=8, target_modules=["query", "value"]))
+    opt = geolora.create_geolora_optimizer(model, lr=1e-3)          # grows capacity, wraps AdamW
+    sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=1000)
+    for batch in loader:
+        model(**batch).loss.backward()
+        opt.step(); sched.step(); opt.zero_grad()                    # one GeoLoRA step per optimizer step
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from . import integrator as I
+from .layer import GeoLoRALayer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LayerGroup:
+    """Layers with the same (out, in, capacity, dtype, device): their step is batched."""
+
+    names: list[str]
+    layers: list[GeoLoRALayer]
+    U: list[nn.Parameter]
+    S: list[nn.Parameter]
+    V: list[nn.Parameter]
+    rank_buffers: list[torch.Tensor]
+    r_min: int
+    r_max: int
+    cap: int
+    cost: int  # parameters per unit of rank (for a parameter budget)
+
+
+def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GeoLoRALayer)]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+def _geolora_config(model: nn.Module, adapter_name: str):
+    from .config import GeoLoRAConfig
+
+    cfg = getattr(model, "peft_config", None)
+    if isinstance(cfg, dict) and adapter_name in cfg and isinstance(cfg[adapter_name], GeoLoRAConfig):
+        return cfg[adapter_name]
+    for module in model.modules():
+        cfg = getattr(module, "peft_config", None)
+        if isinstance(cfg, dict) and isinstance(cfg.get(adapter_name), GeoLoRAConfig):
+            return cfg[adapter_name]
+    return None
+
+
+def check_not_fsdp(model: nn.Module) -> None:
+    """GeoLoRA's step copies whole factors; FSDP shards them. Refuse clearly instead of failing deep inside."""
+    names = {type(m).__name__ for m in model.modules()}
+    sharded = any(n.startswith(("FullyShardedDataParallel", "FSDP")) for n in names)
+    if not sharded:
+        try:
+            from torch.distributed.tensor import DTensor
+
+            sharded = any(isinstance(p, DTensor) for p in model.parameters())
+        except ImportError:  # pragma: no cover
+            pass
+    if sharded:
+        raise RuntimeError(
+            "GeoLoRA does not support FSDP yet: its step needs whole U, S, V factors on every process. "
+            "Use DDP (accelerate launch / torchrun without an FSDP config); the adapter itself is small."
+        )
+
+
+def trainable_adapter(layers: list[tuple[str, GeoLoRALayer]]) -> str:
+    """The single adapter whose factors require grad; clear errors for none or several."""
+    names = set()
+    for _, layer in layers:
+        for adapter, p in layer.geolora_S.items():
+            if p.requires_grad:
+                names.add(adapter)
+    if not names:
+        raise ValueError(
+            "No trainable GeoLoRA factors found: the GeoLoRA adapter is frozen (inference mode?). Load it with "
+            "is_trainable=True or call model.set_adapter(name)."
+        )
+    if len(names) > 1:
+        raise ValueError(
+            f"Several GeoLoRA adapters are trainable at once ({sorted(names)}); GeoLoRA trains one adapter at a "
+            "time. Freeze the others, e.g. model.set_adapter('name')."
+        )
+    return names.pop()
+
+
+def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
+    """Zero-pad every GeoLoRA layer to ``r_max`` columns (same Parameter objects).  Call before building an optimizer
+    or a DDP wrapper; :func:`create_geolora_optimizer` and :class:`GeoLoRACallback` do it for you."""
+    layers = find_geolora_layers(_unwrap(model))
+    adapter_name = adapter_name or trainable_adapter(layers)
+    for _, layer in layers:
+        if adapter_name in layer.geolora_U:
+            layer._sync_rank_mirror(layer, None)
+            layer.grow_capacity(adapter_name)
+
+
+class GeoLoRAOptimizer(torch.optim.Optimizer):
+    """Wraps a torch optimizer: it steps the non-GeoLoRA trainables, then augments and truncates every GeoLoRA layer
+    once.  ``param_groups``, ``state``, ``state_dict`` and ``load_state_dict`` are the wrapped optimizer's (GeoLoRA's
+    own per-layer state, the Adam moments of S, lives in ``state[S]`` under ``geolora_*`` keys, so checkpoints
+    round-trip through any code that saves the optimizer).
+
+    Args:
+        base_optimizer: a torch optimizer whose param groups contain the GeoLoRA factors (and any other trainables).
+        model: the model holding the GeoLoRA layers (PeftModel, or any module with layers injected).
+        s_update: ``"sgd"`` (Algorithm 1 exactly) or ``"adam"``; default: the adapter config's ``s_update``.
+        tau, r_min, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps:
+            default to the adapter config's values.
+    """
+
+    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, *, s_update: Optional[str] = None,
+                 adapter_name: Optional[str] = None, **overrides: Any) -> None:
+        if isinstance(base_optimizer, GeoLoRAOptimizer):
+            raise ValueError("base_optimizer is already a GeoLoRAOptimizer")
+        self.base_optimizer = base_optimizer
+        model = _unwrap(model)
+        check_not_fsdp(model)
+        layers = find_geolora_layers(model)
+        if not layers:
+            raise ValueError(
+                "The model has no GeoLoRA layers. Create it with peft.get_peft_model(model, GeoLoRAConfig(...)) "
+                "(after `import geolora`) or model.add_adapter(GeoLoRAConfig(...))."
+            )
+        self.adapter_name = adapter_name or trainable_adapter(layers)
+        cfg = _geolora_config(model, self.adapter_name)
+        from .config import GeoLoRAConfig
+
+        if cfg is None:
+            cfg = GeoLoRAConfig()
+            logger.warning("No GeoLoRAConfig found on the model; using default step settings.")
+        settings = {
+            "s_update": s_update or cfg.s_update,
+            "tau": cfg.tau,
+            "rank_budget": cfg.rank_budget,
+            "budget_type": cfg.budget_type,
+            "reorthonormalize_every": cfg.reorthonormalize_every,
+            "sync_factors_every": cfg.sync_factors_every,
+            "adam_betas": tuple(cfg.adam_betas),
+            "adam_eps": cfg.adam_eps,
+        }
+        unknown = set(overrides) - set(settings)
+        if unknown:
+            raise TypeError(f"Unknown GeoLoRAOptimizer arguments: {sorted(unknown)}")
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        probe = GeoLoRAConfig(
+            r=1, tau=settings["tau"], s_update=settings["s_update"], rank_budget=settings["rank_budget"],
+            budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
+            reorthonormalize_every=settings["reorthonormalize_every"], sync_factors_every=settings["sync_factors_every"],
+        )  # validates the overrides with the config's messages
+        del probe
+        self.settings = settings
+        self._groups = self._build_groups(layers)
+        self._param_to_group = self._map_param_groups()
+        self.num_steps = 0
+        self.skipped_steps = 0
+        self.truncations = 0
+        self._last_warn = -math.inf
+        self._suppressed = 0
+        self.last_ranks: dict[str, int] = {}
+
+    # --- delegate the Optimizer interface to the wrapped optimizer (like accelerate's AcceleratedOptimizer) ---
+    @property
+    def param_groups(self):
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.base_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.base_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.base_optimizer.defaults = value
+
+    def add_param_group(self, param_group):
+        self.base_optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        sd = self.base_optimizer.state_dict()
+        sd["geolora"] = {"num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("geolora", None)
+        self.base_optimizer.load_state_dict(state_dict)
+        if extra:
+            self.num_steps = int(extra.get("num_steps", 0))
+            self.skipped_steps = int(extra.get("skipped_steps", 0))
+
+    def __repr__(self):
+        return f"GeoLoRAOptimizer(s_update={self.settings['s_update']!r}, base={self.base_optimizer!r})"
+
+    # --- setup ---
+    def _build_groups(self, layers) -> list[_LayerGroup]:
+        buckets: dict[tuple, _LayerGroup] = {}
+        for name, layer in layers:
+            a = self.adapter_name
+            if a not in layer.geolora_U:
+                continue
+            U, S, V = layer.geolora_U[a], layer.geolora_S[a], layer.geolora_V[a]
+            if layer.capacity(a) < layer.r_max[a]:
+                raise RuntimeError(
+                    f"GeoLoRA layer '{name}' has capacity {layer.capacity(a)} < r_max {layer.r_max[a]}: call "
+                    "geolora.grow_capacity(model) before building the optimizer (create_geolora_optimizer does it)."
+                )
+            key = (U.shape[0], V.shape[0], U.shape[1], U.dtype, U.device, layer.r_min[a], layer.r_max[a])
+            group = buckets.get(key)
+            if group is None:
+                group = buckets[key] = _LayerGroup(
+                    [], [], [], [], [], [], layer.r_min[a], layer.r_max[a], U.shape[1], U.shape[0] + V.shape[0] + 1
+                )
+            group.names.append(name)
+            group.layers.append(layer)
+            group.U.append(U)
+            group.S.append(S)
+            group.V.append(V)
+            group.rank_buffers.append(layer.geolora_rank[a])
+        return list(buckets.values())
+
+    def _map_param_groups(self) -> dict[int, dict]:
+        owner = {}
+        for pg in self.base_optimizer.param_groups:
+            for p in pg["params"]:
+                owner[id(p)] = pg
+        for g in self._groups:
+            for name, p in zip(g.names, g.S):
+                if id(p) not in owner:
+                    raise ValueError(
+                        f"The optimizer does not hold the GeoLoRA factors of '{name}'. Build it over all trainable "
+                        "parameters (e.g. geolora.create_geolora_optimizer(model, lr=...)); GeoLoRA reads the "
+                        "learning rate of their param group and keeps the optimizer's own update off U and V."
+                    )
+        return owner
+
+    def geolora_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self._groups for p in (*g.U, *g.S, *g.V)]
+
+    # --- the step ---
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._geolora_step()
+        return loss
+
+    def _stash_grads(self):
+        stash = []
+        for g in self._groups:
+            entry = []
+            for plist in (g.U, g.S, g.V):
+                grads = []
+                for p in plist:
+                    grads.append(p.grad)
+                    p.grad = None
+                entry.append(grads)
+            stash.append(entry)
+        return stash
+
+    def _restore_grads(self, stash):
+        for g, entry in zip(self._groups, stash):
+            for plist, grads in zip((g.U, g.S, g.V), entry):
+                for p, gr in zip(plist, grads):
+                    p.grad = gr
+
+    def _geolora_step(self) -> None:
+        st = self.settings
+        stash = self._stash_grads()
+        # every gradient the step reads or the wrapped optimizer will apply
+        other_grads = [p.grad for pg in self.base_optimizer.param_groups for p in pg["params"] if p.grad is not None]
+        geo_grads = [gr for entry in stash for grads in entry for gr in grads if gr is not None]
+        all_grads = other_grads + geo_grads
+        device = self._groups[0].U[0].device if self._groups else None
+        if all_grads:
+            norms = torch._foreach_norm(all_grads)
+            nonfinite = ~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()
+        else:
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+        work = []
+        for g, (gU, gS, gV) in zip(self._groups, stash):
+            work.append(self._augment_group(g, gU, gS, gV))
+
+        ranks_local = [w["ranks"] for w in work]
+        if st["rank_budget"] is not None and work:
+            costs = [torch.tensor(1 if st["budget_type"] == "rank" else g.cost, device=device) for g in self._groups]
+            ranks_local = I.budget_truncation_ranks(
+                [w["sigma"] for w in work], costs, float(st["rank_budget"]),
+                [torch.tensor(g.r_min, device=device) for g in self._groups],
+                [torch.tensor(min(g.r_max, g.cap), device=device) for g in self._groups],
+            )
+        sizes = [len(g.layers) for g in self._groups]
+        flat = torch.cat([nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local])
+        flat = _agree_across_processes(flat)
+        host = flat.tolist()  # the one host synchronisation of the step
+        if host[0]:
+            self._restore_grads(stash)
+            self._on_skip()
+            return
+        agreed = torch.split(flat[1:], sizes)
+        self.base_optimizer.step()
+        do_reortho = st["reorthonormalize_every"] and (self.num_steps + 1) % st["reorthonormalize_every"] == 0
+        offset = 1
+        for g, w, r_new in zip(self._groups, work, agreed):
+            self._write_group(g, w, r_new, do_reortho)
+            for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
+                layer.r[self.adapter_name] = k
+            offset += len(g.layers)
+            self.truncations += len(g.layers)
+        self.num_steps += 1
+        if st["sync_factors_every"] and self.num_steps % st["sync_factors_every"] == 0:
+            broadcast_factors(self.geolora_parameters(), [b for g in self._groups for b in g.rank_buffers])
+            for g in self._groups:
+                for layer, buf in zip(g.layers, g.rank_buffers):
+                    layer.r[self.adapter_name] = int(buf)
+        self._restore_grads(stash)
+
+    def _on_skip(self) -> None:
+        self.skipped_steps += 1
+        now = time.monotonic()
+        if now - self._last_warn >= 10.0:
+            extra = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+            logger.warning(
+                "GeoLoRA: inf/NaN gradient at step %d; the whole optimizer step was skipped and the factors are "
+                "unchanged (%d skipped so far)%s.", self.num_steps, self.skipped_steps, extra,
+            )
+            self._last_warn = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+
+    def _lrs(self, g: _LayerGroup, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pgs = [self._param_to_group[id(p)] for p in g.S]
+        lr = torch.tensor([float(pg["lr"]) for pg in pgs], dtype=torch.float64, device=device)
+        wd = torch.tensor([float(pg.get("weight_decay", 0.0)) for pg in pgs], dtype=torch.float64, device=device)
+        return lr, wd
+
+    def _augment_group(self, g: _LayerGroup, gU, gS, gV) -> dict:
+        st = self.settings
+        U = torch.stack([p.detach() for p in g.U])  # (B, m, c)
+        V = torch.stack([p.detach() for p in g.V])  # (B, n, c)
+        S = torch.stack([p.detach() for p in g.S])  # (B, c, c)
+        K = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gU, g.U)])
+        L = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gV, g.V)])
+        GS = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gS, g.S)])
+        device = U.device
+        ranks = torch.tensor([layer.r[self.adapter_name] for layer in g.layers], dtype=torch.int64, device=device)
+        Ub = I.augment_basis(U, K, ranks)
+        Vb = I.augment_basis(V, L, ranks)
+        G_aug = I.augmented_gradient(GS, K, L, Ub, Vb)  # (B, kU, kV)
+        lr, wd = self._lrs(g, device)
+        lr = lr.to(G_aug.dtype)
+        out = {"Ub": Ub, "Vb": Vb, "ranks_old": ranks}
+        if st["s_update"] == "sgd":
+            S_aug = I.augmented_coefficients(S, G_aug, lr)
+        else:
+            S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd.to(G_aug.dtype))
+            out["moments"] = moments
+        P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
+        out.update(P=P, sigma=sigma, Qh=Qh)
+        out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap))
+        return out
+
+    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd):
+        """Adam on S in the augmented coordinates.  Moments live in the (U, V) coordinates of the current basis;
+        entries of new directions start at the current gradient (m = g, v = g²); after truncation the moments are
+        rotated into the new basis (m <- P^T m Q, v <- (P∘P)^T v (Q∘Q))."""
+        beta1, beta2 = self.settings["adam_betas"]
+        eps = self.settings["adam_eps"]
+        kU, kV = G_aug.shape[-2:]
+        state = [self.base_optimizer.state[p] for p in g.S]
+        zeros = lambda p: torch.zeros_like(p, dtype=G_aug.dtype)  # noqa: E731
+        m = torch.stack([s.get("geolora_exp_avg", zeros(p)).to(G_aug.dtype) for s, p in zip(state, g.S)])
+        v = torch.stack([s.get("geolora_exp_avg_sq", zeros(p)).to(G_aug.dtype) for s, p in zip(state, g.S)])
+        t = torch.tensor([float(s.get("step", 0.0)) for s in state], dtype=G_aug.dtype, device=G_aug.device)
+        t = t + 1
+        old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
+        m = torch.where(old, I._fit(m, kU, kV), G_aug)
+        v = torch.where(old, I._fit(v, kU, kV), G_aug * G_aug)
+        m = beta1 * m + (1 - beta1) * G_aug
+        v = beta2 * v + (1 - beta2) * G_aug * G_aug
+        bc1 = (1 - beta1**t)[:, None, None]
+        bc2 = (1 - beta2**t)[:, None, None]
+        direction = (m / bc1) / ((v / bc2).sqrt() + eps)
+        S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)[:, None, None]
+        return S_pad - lr[:, None, None] * direction, (m, v, t)
+
+    def _write_group(self, g: _LayerGroup, w: dict, ranks: torch.Tensor, reortho: bool) -> None:
+        tr = I.truncate(w["Ub"].basis, w["Vb"].basis, w["P"], w["sigma"], w["Qh"], ranks, g.cap)
+        U_new, S_new, V_new = tr.U, tr.S, tr.V
+        if reortho:
+            U_new, S_new, V_new = I.reorthonormalize(U_new, S_new, V_new, ranks)
+        torch._foreach_copy_(g.U, [u.to(p.dtype) for u, p in zip(U_new.unbind(0), g.U)])
+        torch._foreach_copy_(g.S, [s.to(p.dtype) for s, p in zip(S_new.unbind(0), g.S)])
+        torch._foreach_copy_(g.V, [v.to(p.dtype) for v, p in zip(V_new.unbind(0), g.V)])
+        torch._foreach_copy_(g.rank_buffers, list(ranks.unbind(0)))
+        if "moments" in w:
+            m, v, t = w["moments"]
+            Pk, Qk = tr.P, tr.Q  # (B, kU, c), (B, kV, c)
+            m_new = Pk.transpose(1, 2) @ m @ Qk  # (B, c, c)
+            v_new = (Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)
+            for i, p in enumerate(g.S):
+                s = self.base_optimizer.state[p]
+                s["geolora_exp_avg"] = m_new[i].to(torch.float32)
+                s["geolora_exp_avg_sq"] = v_new[i].to(torch.float32)
+                s["step"] = t[i].to(torch.float32)  # AdamW.__setstate__ expects "step" in any non-empty state
+
+
+def _agree_across_processes(flat: torch.Tensor) -> torch.Tensor:
+    """[nonfinite flag, ranks...]: sum the flags over processes, take process 0's ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flat
+    payload = flat.clone()
+    if dist.get_rank() != 0:
+        payload[1:] = 0
+    dist.all_reduce(payload, op=dist.ReduceOp.SUM)
+    return payload
+
+
+def broadcast_factors(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+    """Broadcast factors and rank buffers from process 0 (periodic drift removal under DDP)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for t in [*params, *buffers]:
+        dist.broadcast(t.data, src=0)
+
+
+def create_geolora_optimizer(
+    model: nn.Module,
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    *,
+    lr: float,
+    geolora_lr: Optional[float] = None,
+    s_update: Optional[str] = None,
+    **optimizer_kwargs: Any,
+) -> GeoLoRAOptimizer:
+    """Build the optimizer for GeoLoRA training in any loop.
+
+    Grows every GeoLoRA layer to ``r_max`` capacity, puts the GeoLoRA factors in their own param group
+    (``lr=geolora_lr`` or ``lr``) and all other trainable parameters in another, builds ``optimizer_cls`` on them,
+    and wraps it in a :class:`GeoLoRAOptimizer`.  See the module docstring for a custom loop.
+
+    Args:
+        model: a PeftModel (or module with GeoLoRA layers).
+        optimizer_cls: the optimizer for the non-GeoLoRA trainables (heads, biases); it never updates U or V.
+        lr: learning rate of the other trainables, and of the factors unless ``geolora_lr`` is given.
+        geolora_lr: λ of the GeoLoRA step.
+        s_update: ``"adam"`` or ``"sgd"`` (default: the adapter config's ``s_update``).
+        optimizer_kwargs: passed to ``optimizer_cls`` (e.g. ``weight_decay``, ``fused``).
+    """
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr={lr!r} is invalid: expected a finite number >= 0")
+    if geolora_lr is not None and (not isinstance(geolora_lr, (int, float)) or not math.isfinite(geolora_lr) or geolora_lr < 0):
+        raise ValueError(f"geolora_lr={geolora_lr!r} is invalid: expected a finite number >= 0")
+    inner = _unwrap(model)
+    grow_capacity(inner)
+    geo_ids = set()
+    for _, layer in find_geolora_layers(inner):
+        for name in ("geolora_U", "geolora_S", "geolora_V"):
+            for p in getattr(layer, name).values():
+                geo_ids.add(id(p))
+    geo, other = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (geo if id(p) in geo_ids else other).append(p)
+    groups = [{"params": geo, "lr": geolora_lr if geolora_lr is not None else lr, "geolora": True}]
+    if other:
+        groups.append({"params": other, "lr": lr})
+    base = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
+    return GeoLoRAOptimizer(base, model, s_update=s_update)
