@@ -214,6 +214,9 @@ class GeoLoRALayer(BaseTunerLayer):
         old = self.capacity(adapter_name)
         if cap <= old:
             return
+        # check before changing anything, so a refused call leaves all three factors at the same capacity
+        if any(getattr(self, name)[adapter_name].grad is not None for name in self.adapter_layer_names):
+            raise RuntimeError("grow_capacity() must run before the first backward pass")
         for name, rows in (("geolora_U", None), ("geolora_V", None), ("geolora_S", "square")):
             p = getattr(self, name)[adapter_name]
             if rows == "square":
@@ -223,8 +226,6 @@ class GeoLoRALayer(BaseTunerLayer):
                 new = p.new_zeros(p.shape[0], cap)
                 new[:, :old] = p
             p.data = new
-            if p.grad is not None:
-                raise RuntimeError("grow_capacity() must run before the first backward pass")
 
     def active_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U, S, V`` sliced to the live rank, or the full capacity in static-shape mode."""
