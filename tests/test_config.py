@@ -1,0 +1,220 @@
+"""GeoLoRAConfig: validation (errors name the field and the bad value), serialisation, help metadata."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import pickle
+import re
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from peft.utils import PeftType
+
+import geolora
+from geolora import GeoLoRAConfig
+
+
+def _msg(field: str, value) -> str:
+    """The start of every validation message: ``GeoLoRAConfig.<field>=<repr(value)> is invalid``."""
+    return re.escape(f"GeoLoRAConfig.{field}={value!r} is invalid")
+
+
+# ---------------------------------------------------------------------------------------------------- defaults
+def test_defaults_and_derived_values():
+    cfg = GeoLoRAConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
+    assert cfg.peft_type is PeftType.GEOLORA
+    assert cfg.r_max == 8  # default 2 * r
+    assert cfg.scaling == 2.0
+    assert cfg.target_modules == {"query", "value"}
+    assert cfg.rank_pattern == {}
+    assert GeoLoRAConfig(rank_pattern=None).rank_pattern == {}
+    assert GeoLoRAConfig(adam_betas=[0.8, 0.9]).adam_betas == (0.8, 0.9)
+
+
+def test_valid_edge_values_are_accepted():
+    cfg = GeoLoRAConfig(r=1, r_min=1, r_max=1, tau=0.0, lora_dropout=0.0, rank_budget=1, reorthonormalize_every=0)
+    assert (cfg.r, cfg.r_min, cfg.r_max, cfg.tau) == (1, 1, 1, 0.0)
+    cfg = GeoLoRAConfig(r=4, r_min=4, tau=0.999, lora_alpha=0.5, rank_pattern={"q": 8, r"layer\.\d+\.v": 1})
+    assert cfg.r_min == 4 and cfg.rank_pattern == {"q": 8, r"layer\.\d+\.v": 1}
+
+
+# ---------------------------------------------------------------------------------------------------- ValueErrors
+VALUE_ERRORS = [
+    ({"r": 0}, "r", 0, "must be > 0"),
+    ({"r": -3}, "r", -3, "must be > 0"),
+    ({"r_min": 0}, "r_min", 0, "must be >= 1"),
+    ({"r": 4, "r_min": 5}, "r_min", 5, "must be <= r (r=4)"),
+    ({"r": 8, "r_max": 4}, "r", 8, "must be <= r_max (r_max=4)"),
+    ({"tau": -0.1}, "tau", -0.1, "must be in [0, 1)"),
+    ({"tau": 1.0}, "tau", 1.0, "must be in [0, 1)"),
+    ({"tau": 1.5}, "tau", 1.5, "must be in [0, 1)"),
+    ({"tau": math.nan}, "tau", math.nan, "must be in [0, 1)"),
+    ({"lora_alpha": 0}, "lora_alpha", 0, "must be a finite number > 0"),
+    ({"lora_alpha": -1.0}, "lora_alpha", -1.0, "must be a finite number > 0"),
+    ({"lora_alpha": math.inf}, "lora_alpha", math.inf, "must be a finite number > 0"),
+    ({"lora_dropout": -0.1}, "lora_dropout", -0.1, "must be in [0, 1)"),
+    ({"lora_dropout": 1.0}, "lora_dropout", 1.0, "must be in [0, 1)"),
+    ({"bias": "lora_only"}, "bias", "lora_only", "must be one of ('none', 'all', 'geolora_only')"),
+    ({"s_update": "adamw"}, "s_update", "adamw", "must be one of ('adam', 'sgd')"),
+    ({"adam_betas": (0.9,)}, "adam_betas", (0.9,), "expected two floats in [0, 1)"),
+    ({"adam_betas": (0.9, 1.0)}, "adam_betas", (0.9, 1.0), "expected two floats in [0, 1)"),
+    ({"adam_betas": "ab"}, "adam_betas", "ab", "expected two floats in [0, 1)"),
+    ({"adam_eps": 0.0}, "adam_eps", 0.0, "must be a float > 0"),
+    ({"adam_eps": -1e-8}, "adam_eps", -1e-8, "must be a float > 0"),
+    ({"rank_budget": 0}, "rank_budget", 0, "must be > 0"),
+    ({"budget_type": "flops"}, "budget_type", "flops", "must be one of ('rank', 'params')"),
+    ({"reorthonormalize_every": -1}, "reorthonormalize_every", -1, "expected an int >= 0"),
+    ({"reorthonormalize_every": 1.5}, "reorthonormalize_every", 1.5, "expected an int >= 0"),
+    ({"sync_factors_every": -2}, "sync_factors_every", -2, "expected an int >= 0"),
+    ({"r": 4, "rank_pattern": {"query": 0}}, "rank_pattern['query']", 0, "ranks must be ints in [1, r_max=8]"),
+    ({"r": 4, "rank_pattern": {"query": 9}}, "rank_pattern['query']", 9, "ranks must be ints in [1, r_max=8]"),
+    ({"r": 4, "rank_pattern": {"query": 2.0}}, "rank_pattern['query']", 2.0, "ranks must be ints"),
+    ({"r": 4, "rank_pattern": {"query": True}}, "rank_pattern['query']", True, "ranks must be ints"),
+    ({"layers_pattern": "layer"}, "layers_pattern", "layer", "needs layers_to_transform"),
+    (
+        {"target_modules": ".*query", "layers_to_transform": [0]},
+        "layers_to_transform",
+        [0],
+        "cannot be used when target_modules is a regex str",
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "value", "reason"), VALUE_ERRORS)
+def test_value_errors_name_field_and_value(kwargs, field, value, reason):
+    with pytest.raises(ValueError, match=_msg(field, value) + ".*" + re.escape(reason)):
+        GeoLoRAConfig(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- TypeErrors
+TYPE_ERRORS = [
+    ({"r": "8"}, "r", "8"),
+    ({"r": 8.0}, "r", 8.0),
+    ({"r": True}, "r", True),
+    ({"r_max": 16.0}, "r_max", 16.0),
+    ({"r_min": "1"}, "r_min", "1"),
+    ({"tau": "0.1"}, "tau", "0.1"),
+    ({"tau": None}, "tau", None),
+    ({"lora_alpha": "8"}, "lora_alpha", "8"),
+    ({"lora_dropout": "0.1"}, "lora_dropout", "0.1"),
+    ({"fan_in_fan_out": 1}, "fan_in_fan_out", 1),
+    ({"init_weights": "yes"}, "init_weights", "yes"),
+    ({"static_shapes": None}, "static_shapes", None),
+    ({"rank_budget": "10"}, "rank_budget", "10"),
+    ({"rank_pattern": [("query", 2)]}, "rank_pattern", [("query", 2)]),
+    ({"rank_pattern": {3: 2}}, "rank_pattern", 3),
+    ({"target_modules": 5}, "target_modules", 5),
+    ({"modules_to_save": "classifier"}, "modules_to_save", "classifier"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "field", "value"), TYPE_ERRORS)
+def test_type_errors_name_field_and_value(kwargs, field, value):
+    with pytest.raises(TypeError, match=_msg(field, value)):
+        GeoLoRAConfig(**kwargs)
+
+
+def test_invalid_value_in_saved_json_is_rejected_on_load(tmp_path):
+    GeoLoRAConfig(r=4, target_modules=["query"]).save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["tau"] = 2.0
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=_msg("tau", 2.0)):
+        PeftConfig.from_pretrained(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------------- serialisation
+def _rich_config() -> GeoLoRAConfig:
+    return GeoLoRAConfig(
+        r=4,
+        r_max=6,
+        r_min=2,
+        tau=0.25,
+        lora_alpha=16,
+        lora_dropout=0.1,
+        target_modules=["query", "value"],
+        modules_to_save=["classifier"],
+        bias="geolora_only",
+        rank_pattern={"bert.encoder.layer.0.attention.self.query": 3},
+        s_update="sgd",
+        adam_betas=(0.8, 0.99),
+        rank_budget=12,
+        budget_type="params",
+        reorthonormalize_every=10,
+        static_shapes=True,
+        task_type="SEQ_CLS",
+    )
+
+
+def test_to_dict_json_roundtrip(tmp_path):
+    cfg = _rich_config()
+    cfg.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert raw["peft_type"] == "GEOLORA"
+    assert sorted(raw["target_modules"]) == ["query", "value"]
+
+    for loader in (PeftConfig.from_pretrained, GeoLoRAConfig.from_pretrained):
+        loaded = loader(str(tmp_path))
+        assert type(loaded) is GeoLoRAConfig
+        assert loaded.peft_type is PeftType.GEOLORA
+        assert loaded.to_dict() == cfg.to_dict()
+        assert loaded.adam_betas == (0.8, 0.99) and isinstance(loaded.adam_betas, tuple)
+
+    from_dict = GeoLoRAConfig(**{k: v for k, v in cfg.to_dict().items()})
+    assert from_dict.to_dict() == cfg.to_dict()
+
+
+def test_copy_and_pickle_roundtrip():
+    cfg = _rich_config()
+    for clone in (copy.copy(cfg), copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):
+        assert type(clone) is GeoLoRAConfig
+        assert clone.to_dict() == cfg.to_dict()
+        assert clone.peft_type is PeftType.GEOLORA
+    deep = copy.deepcopy(cfg)
+    deep.rank_pattern["other"] = 1
+    assert "other" not in cfg.rank_pattern
+
+
+def test_unknown_keys_in_adapter_config_warn_but_load(tmp_path, cnn, tiny_specs):
+    """A key from a newer version in adapter_config.json: PEFT warns and drops it, the adapter still loads."""
+    model = get_peft_model(cnn, GeoLoRAConfig(r=2, target_modules=["conv"], init_weights=False))
+    x = torch.randn(2, 3, 8, 8)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["knob_from_the_future"] = 3
+    path.write_text(json.dumps(data))
+
+    with pytest.warns(UserWarning, match=r"Unexpected keyword arguments \['knob_from_the_future'\]"):
+        cfg = PeftConfig.from_pretrained(str(tmp_path))
+    assert isinstance(cfg, GeoLoRAConfig) and not hasattr(cfg, "knob_from_the_future")
+
+    with pytest.warns(UserWarning, match="knob_from_the_future"):
+        loaded = PeftModel.from_pretrained(tiny_specs["cnn"].build(), str(tmp_path))
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+def test_every_field_has_help_metadata():
+    own = set(GeoLoRAConfig.__annotations__)
+    assert {"r", "r_max", "r_min", "tau", "s_update", "rank_pattern", "rank_budget"} <= own
+    missing = []
+    for f in dataclasses.fields(GeoLoRAConfig):
+        help_text = f.metadata.get("help")
+        if f.name in own and not (isinstance(help_text, str) and len(help_text) > 10):
+            missing.append(f.name)
+    assert not missing, f"fields without help metadata: {missing}"
+
+
+def test_config_is_exported_and_registered():
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    assert geolora.GeoLoRAConfig is GeoLoRAConfig
+    assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GEOLORA] is GeoLoRAConfig
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GEOLORA] == "geolora_"
