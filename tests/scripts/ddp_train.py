@@ -1,0 +1,85 @@
+"""Run under torchrun --nproc_per_node 2 (gloo, CPU). Mode 'driver': accelerate loop with create_geolora_optimizer.
+Mode 'trainer': stock Trainer with GeoLoRACallback. Mode 'nan': rank 1 sees a NaN gradient once.
+Each process writes its final ranks and merged weights to OUT/rank{R}.pt."""
+
+import os
+import sys
+
+import torch
+
+import geolora
+import peft
+
+mode, out = sys.argv[1], sys.argv[2]
+
+
+def build():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, num_labels=2)
+    model = BertForSequenceClassification(cfg)
+    rank = int(os.environ.get("RANK", 0))
+    # a perturbed tau on one process: ranks must still agree because process 0 decides them
+    tau = 0.3 + (1e-3 if rank == 1 else 0.0)
+    return peft.get_peft_model(model, geolora.GeoLoRAConfig(r=4, r_max=8, tau=tau, target_modules=["query", "value"],
+                                                            modules_to_save=["classifier"], task_type="SEQ_CLS"))
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (64, 8), generator=g)
+    return ids, (ids[:, 0] > 50).long()
+
+
+def dump(model, accelerator_rank):
+    state = {n: p.detach().cpu() for n, p in model.named_parameters() if "geolora" in n}
+    torch.save({"ranks": geolora.get_ranks(model), "state": state}, os.path.join(out, f"rank{accelerator_rank}.pt"))
+
+
+if mode in ("driver", "nan"):
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = build()
+    opt = geolora.create_geolora_optimizer(model, lr=5e-2)
+    ids, labels = data()
+    ds = torch.utils.data.TensorDataset(ids, labels)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8)
+    model, opt, loader = acc.prepare(model, opt, loader)
+    micro = 0
+    for epoch in range(2):
+        for x, y in loader:
+            with acc.accumulate(model):
+                loss = model(input_ids=x, labels=y).loss
+                acc.backward(loss)
+                micro += 1
+                if mode == "nan" and micro == 3 and acc.process_index == 1:
+                    for n, p in model.named_parameters():
+                        if "geolora_U" in n and p.grad is not None:
+                            p.grad.fill_(float("nan"))
+                            break
+                opt.step()
+                opt.zero_grad()
+    inner = opt.optimizer
+    assert inner.truncations == inner.num_steps * 4, (inner.truncations, inner.num_steps)
+    # 64 samples / 2 processes / batch 8 = 4 micro-batches per epoch -> 2 optimizer steps per epoch
+    expected = 4 - (1 if mode == "nan" else 0)
+    assert inner.num_steps == expected, inner.num_steps
+    dump(acc.unwrap_model(model), acc.process_index)
+else:
+    import datasets
+    from transformers import Trainer, TrainingArguments
+
+    model = build()
+    ids, labels = data()
+    ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    args = TrainingArguments(os.path.join(out, "trainer"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                             num_train_epochs=2, learning_rate=5e-2, report_to=[], use_cpu=True, ddp_backend="gloo",
+                             save_strategy="no", logging_steps=1, disable_tqdm=True)
+    cb = geolora.GeoLoRACallback()
+    trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
+    trainer.train()
+    assert cb.optimizer.num_steps == trainer.state.global_step > 0
+    dump(model, trainer.args.process_index)

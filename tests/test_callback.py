@@ -1,0 +1,99 @@
+"""GeoLoRACallback on a stock transformers.Trainer: accumulation, clipping, logging, resume, transformers'
+own adapter integration, and the accelerate loop."""
+
+import datasets
+import peft
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+import geolora
+from geolora.integrator import orthonormality_error
+
+
+def _bert():
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=100, num_labels=2)
+    return BertForSequenceClassification(cfg)
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (64, 8), generator=g)
+    return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] > 50).long().tolist()})
+
+
+def _peft_model():
+    return peft.get_peft_model(_bert(), geolora.GeoLoRAConfig(
+        r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"))
+
+
+def _train(out, model, resume=None, epochs=3):
+    args = TrainingArguments(str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0,
+                             num_train_epochs=epochs, learning_rate=5e-2, logging_steps=1, save_steps=6, report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=0)
+    cb = geolora.GeoLoRACallback()
+    trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, cb
+
+
+def test_trainer_callback_trains_with_accumulation_and_clipping(tmp_path):
+    model = _peft_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer, cb = _train(tmp_path, model)
+    assert cb.optimizer.num_steps == trainer.state.global_step == 12  # 64/8/2 per epoch x 3
+    assert cb.optimizer.truncations == 12 * 4  # one truncation per layer per optimizer step
+    ranks = geolora.get_ranks(model)
+    assert set(ranks.values()) != {4}  # ranks moved
+    for m in model.modules():
+        if isinstance(m, geolora.GeoLoRALayer):
+            k = m.r["default"]
+            assert orthonormality_error(m.geolora_U["default"], k) < 1e-5
+            assert orthonormality_error(m.geolora_V["default"], k) < 1e-5
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and all("geolora/mean_rank" in h and "geolora/adapter_params" in h for h in logs)
+    for n, p in model.named_parameters():
+        if "geolora" not in n and "modules_to_save" not in n:
+            assert torch.equal(p, before[n]), n  # base weights untouched
+    # AdamW kept off the bases
+    opt = cb.optimizer
+    for m in model.modules():
+        if isinstance(m, geolora.GeoLoRALayer):
+            assert "exp_avg" not in opt.state[m.geolora_U["default"]]
+
+
+def test_resume_from_checkpoint_equals_uninterrupted(tmp_path):
+    full_model = _peft_model()
+    full, _ = _train(tmp_path / "a", full_model)
+    resumed_model = _peft_model()
+    _train(tmp_path / "b", _peft_model(), epochs=3)  # writes checkpoints
+    resumed, _ = _train(tmp_path / "b", resumed_model, resume=str(tmp_path / "b" / "checkpoint-6"))
+    loss = lambda t: [h["loss"] for h in t.state.log_history if "loss" in h][-1]  # noqa: E731
+    assert loss(full) == pytest.approx(loss(resumed), abs=1e-6)
+    assert geolora.get_ranks(full_model) == geolora.get_ranks(resumed_model)
+    for (n, p), q in zip(full_model.named_parameters(), resumed_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6), n
+
+
+def test_callback_without_geolora_layers_fails_at_init(tmp_path):
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="no GeoLoRA layers"):
+        Trainer(model=_bert(), args=args, train_dataset=_data(), callbacks=[geolora.GeoLoRACallback()])
+
+
+def test_transformers_add_adapter_trains_as_geolora(tmp_path):
+    """transformers' own integration (model.add_adapter) + the callback: GeoLoRA, not LoRA-like training."""
+    model = _bert()
+    model.add_adapter(geolora.GeoLoRAConfig(r=4, r_max=8, tau=0.3, target_modules=["query", "value"]))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=5e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    cb = geolora.GeoLoRACallback()
+    Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert cb.optimizer.num_steps == 16
+    ranks = geolora.get_ranks(model)
+    assert len(ranks) == 4 and set(ranks.values()) != {4}
+    for m in model.modules():
+        if isinstance(m, geolora.GeoLoRALayer):
+            assert orthonormality_error(m.geolora_U["default"], m.r["default"]) < 1e-5
