@@ -183,14 +183,18 @@ class GeoLoRALayer(BaseTunerLayer):
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # Factors stay in float32 when the base is half precision (QR/SVD and the step run in >= float32 anyway);
-        # PEFT's autocast_adapter_dtype would upcast them later, this keeps creation consistent.
+        # PEFT's autocast_adapter_dtype would upcast them later, this keeps creation consistent.  PEFT casts them to
+        # the base dtype first, so restore the ORIGINAL values: a round trip through bf16 leaves U^T U - I ~ 4e-3.
+        names = [n for n in self.adapter_layer_names if adapter_name in getattr(self, n)]
+        originals = {n: getattr(self, n)[adapter_name] for n in names}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
-        for name in self.adapter_layer_names:
+        for name, original in originals.items():
             params = getattr(self, name)
-            if adapter_name in params and params[adapter_name].dtype in (torch.float16, torch.bfloat16):
-                params[adapter_name] = nn.Parameter(
-                    params[adapter_name].data.float(), requires_grad=params[adapter_name].requires_grad
-                )
+            if params[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                value = original.data.to(params[adapter_name].device)
+                if value.dtype in (torch.float16, torch.bfloat16):
+                    value = value.float()
+                params[adapter_name] = nn.Parameter(value, requires_grad=params[adapter_name].requires_grad)
 
     @staticmethod
     def _sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys) -> None:
