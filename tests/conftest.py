@@ -12,6 +12,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on a shared 2-core machine: intra-op threads only contend (measured: the same tests ran ~4x slower
+# with the default thread count under load).  Inherited by subprocesses; set again below in case torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
@@ -23,6 +26,8 @@ from typing import Any, Callable  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+torch.set_num_threads(1)
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO_ROOT = TESTS_DIR.parent
@@ -187,7 +192,7 @@ TINY_SPECS: dict[str, TinySpec] = {
 }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_specs() -> dict[str, TinySpec]:
     """name -> :class:`TinySpec` for ``bert``, ``gpt2``, ``vit`` and ``cnn``."""
     return TINY_SPECS
@@ -214,32 +219,52 @@ def cnn():
 
 
 # ---------------------------------------------------------------------------------------------------- subprocesses
-def run_python(script: str, workdir: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh Python process (cwd ``workdir``, ``conftest`` importable, Hub offline)."""
+def start_python(script: str, workdir: Path) -> subprocess.Popen:
+    """Start ``script`` in a fresh Python process (cwd ``workdir``, ``conftest`` importable, Hub offline).
+
+    Imports alone take several seconds, so a test module batches its checks into one script, and independent scripts
+    can run side by side (start both, then :func:`wait_python_ok`)."""
     path = Path(workdir) / "job.py"
     path.write_text(script)
     env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    return subprocess.run(
-        [sys.executable, str(path)], cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout
+    return subprocess.Popen(
+        [sys.executable, str(path)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
-def run_python_ok(script: str, workdir: Path, timeout: float = 120) -> dict:
+def wait_python_ok(proc: subprocess.Popen, timeout: float = 180) -> dict:
+    """Wait for a :func:`start_python` process; it must succeed and write ``result.json`` in its cwd (returned)."""
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"subprocess timed out after {timeout} s:\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, f"subprocess failed (rc={proc.returncode}):\n{stdout}\n{stderr}"
+    script = Path(proc.args[-1])
+    return json.loads((script.parent / "result.json").read_text())
+
+
+def run_python_ok(script: str, workdir: Path, timeout: float = 180) -> dict:
     """Run ``script`` in a fresh process; it must succeed and write ``result.json`` in its cwd, which is returned."""
-    proc = run_python(script, workdir, timeout)
-    assert proc.returncode == 0, f"subprocess failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    return json.loads((Path(workdir) / "result.json").read_text())
+    return wait_python_ok(start_python(script, workdir), timeout)
 
 
 class FreshPython:
-    """Runs a script in a fresh interpreter where ``from conftest import ...`` works (see :func:`run_python`)."""
+    """Runs scripts in fresh interpreters where ``from conftest import ...`` works (see :func:`start_python`)."""
 
-    run = staticmethod(run_python)
+    start = staticmethod(start_python)
+    wait_ok = staticmethod(wait_python_ok)
     run_ok = staticmethod(run_python_ok)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fresh_python() -> type[FreshPython]:
     return FreshPython
