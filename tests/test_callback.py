@@ -97,3 +97,46 @@ def test_transformers_add_adapter_trains_as_geolora(tmp_path):
     for m in model.modules():
         if isinstance(m, geolora.GeoLoRALayer):
             assert orthonormality_error(m.geolora_U["default"], m.r["default"]) < 1e-5
+
+
+def test_rank_statistics_reach_integrations_registered_before_the_callback(tmp_path):
+    """report_to integrations are registered before user callbacks; they must still see the rank statistics."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class FakeIntegration(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=1e-2,
+                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=_peft_model(), args=args, train_dataset=_data(),
+                      callbacks=[FakeIntegration(), geolora.GeoLoRACallback()])
+    trainer.train()
+    train_logs = [h for h in seen if "loss" in h]
+    assert train_logs and all("geolora/mean_rank" in h for h in train_logs)
+
+
+def test_bf16_autocast_training(tmp_path):
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=5e-2,
+                             bf16=True, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    model = _peft_model()
+    cb = geolora.GeoLoRACallback()
+    Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
+    assert cb.optimizer.num_steps == 4 and cb.optimizer.skipped_steps == 0
+    for m in model.modules():
+        if isinstance(m, geolora.GeoLoRALayer):
+            assert m.geolora_U["default"].dtype == torch.float32
+            assert orthonormality_error(m.geolora_U["default"], m.r["default"]) < 1e-5
+
+
+def test_fsdp_is_refused_clearly():
+    from geolora.optim import check_not_fsdp
+
+    class FullyShardedDataParallel(torch.nn.Module):
+        pass
+
+    wrapped = torch.nn.Sequential(FullyShardedDataParallel())
+    with pytest.raises(RuntimeError, match="does not support FSDP"):
+        check_not_fsdp(wrapped)

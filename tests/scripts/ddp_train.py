@@ -24,7 +24,8 @@ def build():
     # a perturbed tau on one process: ranks must still agree because process 0 decides them
     tau = 0.3 + (1e-3 if rank == 1 else 0.0)
     return peft.get_peft_model(model, geolora.GeoLoRAConfig(r=4, r_max=8, tau=tau, target_modules=["query", "value"],
-                                                            modules_to_save=["classifier"], task_type="SEQ_CLS"))
+                                                            modules_to_save=["classifier"], task_type="SEQ_CLS",
+                                                            sync_factors_every=3 if mode == "driver" else 0))
 
 
 def data():
