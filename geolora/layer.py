@@ -212,8 +212,11 @@ class GeoLoRALayer(BaseTunerLayer):
 
     @torch.no_grad()
     def grow_capacity(self, adapter_name: str, capacity: Optional[int] = None) -> None:
-        """Zero-pad the factors of ``adapter_name`` to ``capacity`` columns (default ``r_max``), keeping the same
-        Parameter objects.  Must run before an optimizer or DDP wrapper is built on the parameters."""
+        """Zero-pad the factors of ``adapter_name`` to ``capacity`` columns (default ``r_max``).
+
+        Creates new Parameter objects (an autograd graph still alive from an earlier forward keeps referring to the
+        old ones, so it cannot pin their shapes).  Must run before an optimizer or DDP wrapper is built on the
+        parameters; an optimizer built earlier would not hold the new factors, and GeoLoRAOptimizer says so."""
         cap = self.r_max[adapter_name] if capacity is None else capacity
         old = self.capacity(adapter_name)
         if cap <= old:
@@ -222,14 +225,15 @@ class GeoLoRALayer(BaseTunerLayer):
         if any(getattr(self, name)[adapter_name].grad is not None for name in self.adapter_layer_names):
             raise RuntimeError("grow_capacity() must run before the first backward pass")
         for name, rows in (("geolora_U", None), ("geolora_V", None), ("geolora_S", "square")):
-            p = getattr(self, name)[adapter_name]
+            params = getattr(self, name)
+            p = params[adapter_name]
             if rows == "square":
                 new = p.new_zeros(cap, cap)
                 new[:old, :old] = p
             else:
                 new = p.new_zeros(p.shape[0], cap)
                 new[:, :old] = p
-            p.data = new
+            params[adapter_name] = nn.Parameter(new, requires_grad=p.requires_grad)
 
     def active_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U, S, V`` sliced to the live rank, or the full capacity in static-shape mode."""

@@ -121,8 +121,8 @@ def trainable_adapter(layers: list[tuple[str, GeoLoRALayer]]) -> str:
 
 
 def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
-    """Zero-pad every GeoLoRA layer to ``r_max`` columns (same Parameter objects).  Call before building an optimizer
-    or a DDP wrapper; :func:`create_geolora_optimizer` and :class:`GeoLoRACallback` do it for you."""
+    """Zero-pad every GeoLoRA layer to ``r_max`` columns (new Parameter objects).  Call before building an optimizer
+    or a DDP wrapper (it creates new Parameter objects); create_geolora_optimizer and GeoLoRACallback do it for you."""
     layers = find_geolora_layers(_unwrap(model))
     adapter_name = adapter_name or trainable_adapter(layers)
     for _, layer in layers:
