@@ -140,3 +140,47 @@ def test_fsdp_is_refused_clearly():
     wrapped = torch.nn.Sequential(FullyShardedDataParallel())
     with pytest.raises(RuntimeError, match="does not support FSDP"):
         check_not_fsdp(wrapped)
+
+
+def test_callback_installs_into_accelerated_optimizer_with_gradscaler():
+    """The fp16 GPU path (accelerate's AcceleratedOptimizer with a GradScaler), driven on CPU with an injected scaler:
+    the wrapped step must run through the scaler on unscaled gradients and be skipped on inf."""
+    import copy
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    accelerator = Accelerator(cpu=True)  # initialise accelerate's state  # noqa: F841
+    model = _peft_model().eval()  # no dropout: both runs must see identical gradients
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 100, (8, 8), generator=torch.Generator().manual_seed(1))
+    labels = (ids[:, 0] > 50).long()
+
+    def setup(m, scaler):
+        cb = geolora.GeoLoRACallback()
+        cb.on_init_end(None, None, None, model=m)
+        opt = AcceleratedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), device_placement=False, scaler=scaler)
+        state = SimpleNamespace(global_step=0)
+        cb.on_train_begin(SimpleNamespace(fsdp=None), state, None, model=m, optimizer=opt)
+        return cb, opt
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    cb, opt = setup(model, scaler)
+    cb_ref, opt_ref = setup(reference, None)
+    assert isinstance(opt.optimizer, geolora.GeoLoRAOptimizer)
+    scaler.scale(model(input_ids=ids, labels=labels).loss).backward()
+    opt.step()
+    reference(input_ids=ids, labels=labels).loss.backward()
+    opt_ref.step()
+    assert cb.optimizer.num_steps == 1 and not opt.step_was_skipped
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    opt.zero_grad()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaler.scale(model(input_ids=ids, labels=labels).loss).backward()
+    next(p for n, p in model.named_parameters() if "geolora_V" in n).grad.fill_(float("inf"))
+    opt.step()
+    assert opt.step_was_skipped and cb.optimizer.num_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
