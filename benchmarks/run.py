@@ -1,0 +1,485 @@
+"""Benchmark runner: GeoLoRA vs LoRA vs AdaLoRA with the stock ``transformers.Trainer``.
+
+    python benchmarks/run.py --preset smoke                 # tiny models, tiny data written to a temp dir (~1-2 min)
+    nice -n 5 python benchmarks/run.py --preset cpu         # real offline models and data on CPU
+    accelerate launch benchmarks/run.py --preset full       # paper-scale GLUE (DeBERTa-v3-base) and ViT-B/16 on GPUs
+    python benchmarks/run.py --preset full --data-dir DIR   # the same tasks from local files: DIR/<task>/...
+
+A preset is ``configs/bench/<preset>.yaml``: suites of (methods x tasks x seeds) cells. Every method of a cell sees the
+same base model, data, splits, optimizer steps, batch, schedule and evaluation; only the adapter differs:
+
+* budget ``r``: LoRA rank ``r``; AdaLoRA ``init_r = ceil(1.5 r)`` -> ``target_r = r``; GeoLoRA starts at ``r`` and may
+  grow to ``r_max = 2 r`` (truncation tolerance ``tau``);
+* a small learning-rate grid per method; every grid point is trained, the one with the best validation metric (a
+  split carved from the training data) is selected and its test metric reported; the grid is in the results.
+
+AdaLoRA is driven by :class:`AdaLoRACallback` (``update_and_allocate(global_step)`` after ``optimizer.step()`` and
+before ``zero_grad()``, every step, with ``total_step`` = the run's optimizer steps). GeoLoRA by
+``geolora.GeoLoRACallback``.
+
+Each cell writes ``<results>/<suite>/<method>--<task>--<seed>.json``; a rerun skips finished cells, and finished grid
+points of an interrupted cell (kept in ``*.partial.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tasks as T  # noqa: E402
+
+import geolora  # noqa: E402
+from geolora import data as gdata  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs" / "bench"
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+METHODS = ("geolora", "lora", "adalora")
+logger = logging.getLogger("benchmarks.run")
+
+
+# ----------------------------------------------------------------------------------------------- callbacks
+class AdaLoRACallback(TrainerCallback):
+    """Calls ``update_and_allocate(global_step)`` once per optimizer step: after ``optimizer.step()`` (gradients and
+    the update are available for the sensitivity scores) and before ``zero_grad()`` (PEFT's documented contract).
+    ``state.global_step`` is still the 0-based index of the step being taken, as in PEFT's example loop."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        model.base_model.update_and_allocate(state.global_step)
+
+
+class RecorderCallback(TrainerCallback):
+    """Per-step wall time, per-layer ranks, peak memory and logged losses of one run (overhead excluded from timing)."""
+
+    def __init__(self, method: str, rank_every: int = 1) -> None:
+        import psutil
+
+        self.method, self.rank_every = method, rank_every
+        self.process = psutil.Process()
+        self.step_times: list[float] = []
+        self.rank_steps: list[int] = []
+        self.rank_rows: list[list[int]] = []
+        self.layers: list[str] = []
+        self.losses: list[tuple[int, float]] = []
+        self.peak_rss = 0
+        self._t = 0.0
+
+    def _snapshot(self, model, step: int) -> None:
+        ranks = T.layer_ranks(model, self.method)
+        if not self.layers:
+            self.layers = sorted(ranks)
+        self.rank_steps.append(step)
+        self.rank_rows.append([ranks.get(n, 0) for n in self.layers])
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self.peak_rss = self.process.memory_info().rss
+        self._snapshot(model, 0)
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.step_times.append(time.perf_counter() - self._t)
+        self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+        if state.global_step % self.rank_every == 0 or state.global_step == state.max_steps:
+            self._snapshot(model, state.global_step)
+        self._t = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+    def peak_memory(self) -> dict[str, Any]:
+        out = {"peak_rss_bytes": int(self.peak_rss)}
+        if torch.cuda.is_available():
+            out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- provenance
+def _git() -> dict[str, Any]:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True)
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"revision": None, "dirty": None}
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "geolora", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _hardware() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    hw: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                          "torch_threads": torch.get_num_threads(), "world_size": T.world_size()}
+    try:
+        hw["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except AttributeError:
+        pass
+    if torch.cuda.is_available():
+        hw["cuda_device"] = torch.cuda.get_device_name(0)
+        hw["cuda_count"] = torch.cuda.device_count()
+    return hw
+
+
+# ----------------------------------------------------------------------------------------------- config
+def load_preset(preset: Optional[str], config: Optional[str]) -> dict:
+    path = Path(config) if config else CONFIG_DIR / f"{preset}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"no benchmark config '{path}' (presets: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})")
+    cfg = yaml.safe_load(path.read_text())
+    cfg["_path"] = str(path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path)
+    return cfg
+
+
+def plan_cells(cfg: dict, only: dict[str, Optional[set]]) -> list[dict]:
+    """Every (suite, seed, task, method) cell with its resolved settings, seed-major so that seed 0 finishes first."""
+    cells = []
+    for suite_name, suite in cfg["suites"].items():
+        if only["suites"] and suite_name not in only["suites"]:
+            continue
+        all_seeds = sorted(set(suite["seeds"]).union(*[(t or {}).get("seeds", []) for t in suite["tasks"].values()]))
+        for seed in all_seeds:
+            for task_name, task_over in suite["tasks"].items():
+                task_over = task_over or {}
+                if only["tasks"] and task_name not in only["tasks"]:
+                    continue
+                if seed not in task_over.get("seeds", suite["seeds"]) or (only["seeds"] and seed not in only["seeds"]):
+                    continue
+                for method in task_over.get("methods", suite["methods"]):
+                    if only["methods"] and method not in only["methods"]:
+                        continue
+                    hp = T.deep_merge(suite.get("train", {}), task_over.get("train"))
+                    model = T.deep_merge(suite["model"], task_over.get("model"))
+                    budgets = task_over.get("budgets", suite["budgets"])
+                    cells.append(dict(suite=suite_name, kind=suite.get("kind", "compare"), task=task_name,
+                                      method=method, seed=seed, hp=hp, model=model, budgets=list(budgets),
+                                      lrs=lr_grid(suite, task_over, method), data=task_over.get("data", {}),
+                                      trajectory_lr=suite.get("trajectory_lr")))
+    return cells
+
+
+def lr_grid(suite: dict, task_over: dict, method: str) -> list[float]:
+    """Per-method grid (``lr_grid: {method: [...]}``), or the task's ``lr`` times ``lr_scale`` for every method."""
+    grid = T.deep_merge(suite.get("lr_grid", {}), task_over.get("lr_grid"))
+    if method in grid:
+        return [float(x) for x in grid[method]]
+    lr = task_over.get("lr", suite.get("lr"))
+    scale = task_over.get("lr_scale", suite.get("lr_scale", [1.0]))
+    if lr is None:
+        raise SystemExit(f"no learning rate for method '{method}': set lr_grid.{method} or lr (+ lr_scale)")
+    return [float(lr) * float(s) for s in scale]
+
+
+# ----------------------------------------------------------------------------------------------- data per task
+_PREPARED: dict[tuple, dict] = {}
+
+
+def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
+    """Splits, encoded datasets, collator and metric settings of a task (cached per suite/task in this process)."""
+    key = (cell["suite"], cell["task"])
+    if key in _PREPARED:
+        return _PREPARED[key]
+    d, spec = cell["data"], cell["model"]
+    source = d.get("source", cell["task"])
+    task = T.load_raw_task(source, data_dir, d.get("data_seed", 0))
+    splits = T.make_splits(task, d.get("n_train"), d.get("n_val", max(1, len(task.train) // 10)), d.get("n_test"),
+                           d.get("data_seed", 0))
+    prepared: dict[str, Any] = {"task": task, "sizes": {"train": len(splits.train), "val": len(splits.val),
+                                                        "test": len(splits.test)}, "source": task.source}
+    if task.modality == "text":
+        from transformers import AutoTokenizer, DataCollatorWithPadding
+
+        if "pretrained" in spec:
+            tokenizer = AutoTokenizer.from_pretrained(T.resolve_pretrained(spec["pretrained"]))
+        else:
+            texts = list(splits.train["text"]) + (list(splits.train["text_pair"]) if task.has_pair else [])
+            tokenizer = T.word_level_tokenizer(texts, spec["from_config"]["vocab_size"])
+        max_length = cell["hp"].get("max_length", 128)
+        prepared["train"], prepared["val"], prepared["test"] = T.tokenize(splits, tokenizer, max_length)
+        prepared["collator"] = DataCollatorWithPadding(tokenizer)
+    else:
+        processor = None
+        if "pretrain" in spec:
+            prepared["pretrained_dir"] = T.pretrain_in_benchmark(spec, cache_root / "_pretrained")
+        if "pretrained" in spec:
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(T.resolve_pretrained(spec["pretrained"]))
+        fc = spec.get("from_config", {})
+        transform = T.ImageTransform(processor, fc.get("image_size", 224), fc.get("num_channels", 3))
+        prepared["train"], prepared["val"], prepared["test"] = T.prepare_images(splits, transform)
+        prepared["collator"] = T.image_collator
+    _PREPARED[key] = prepared
+    return prepared
+
+
+def _metrics(task: gdata.TaskData, prediction) -> tuple[dict[str, float], bool]:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    logits = np.asarray(logits, dtype=np.float64)
+    if not np.all(np.isfinite(logits)):
+        return {name: float("nan") for name in task.metric_names}, True
+    preds = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
+    out = gdata.compute_metrics(task.metric_names, preds, prediction.label_ids, task.num_labels)
+    loss = prediction.metrics.get("test_loss")
+    if loss is not None:
+        out["loss"] = float(loss)
+    return out, False
+
+
+# ----------------------------------------------------------------------------------------------- one training run
+def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> dict[str, Any]:
+    import peft
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    hp, spec, method, seed = cell["hp"], cell["model"], cell["method"], cell["seed"]
+    task: gdata.TaskData = prepared["task"]
+    batch, accum = hp.get("batch_size", 32), hp.get("grad_accum", 1)
+    steps_per_epoch = max(math.ceil(len(prepared["train"]) / (batch * T.world_size())) // accum, 1)
+    total_steps = int(hp.get("max_steps") or steps_per_epoch * hp.get("epochs", 1))
+    set_seed(seed)
+    base = T.load_base_model(spec, task.num_labels, prepared.get("pretrained_dir"))
+    task_type = "SEQ_CLS" if task.modality == "text" else None
+    config = T.adapter_config(method, r, spec, hp, total_steps, task_type)
+    model = peft.get_peft_model(base, config)
+    recorder = RecorderCallback(method, hp.get("rank_log_every", 1))
+    callbacks: list = [recorder]
+    if method == "geolora":
+        callbacks.append(geolora.GeoLoRACallback())
+    elif method == "adalora":
+        callbacks.append(AdaLoRACallback())
+    use_cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=batch,
+            per_device_eval_batch_size=hp.get("eval_batch_size", 2 * batch), gradient_accumulation_steps=accum,
+            learning_rate=lr, lr_scheduler_type=hp.get("scheduler", "linear"), warmup_steps=hp.get("warmup", 0.1),
+            weight_decay=hp.get("weight_decay", 0.0), max_grad_norm=hp.get("max_grad_norm", 1.0), seed=seed,
+            data_seed=seed, logging_steps=max(1, total_steps // 20), save_strategy="no", eval_strategy="no",
+            report_to="none", disable_tqdm=not verbose, remove_unused_columns=task.modality == "text",
+            use_cpu=not use_cuda, bf16=bool(hp.get("bf16", False)) and use_cuda,
+            fp16=bool(hp.get("fp16", False)) and use_cuda, dataloader_num_workers=hp.get("num_workers", 0),
+            label_names=["labels"],
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=prepared["train"],
+                          data_collator=prepared["collator"], callbacks=callbacks)
+        if not verbose:
+            from transformers.trainer_callback import PrinterCallback
+
+            trainer.remove_callback(PrinterCallback)
+        load_start = os.getloadavg()
+        t0 = time.perf_counter()
+        trainer.train()
+        train_time = time.perf_counter() - t0
+        val, val_nan = _metrics(task, trainer.predict(prepared["val"]))
+        test, test_nan = _metrics(task, trainer.predict(prepared["test"]))
+        kept = T.kept_parameters(model, method)
+        ranks = T.layer_ranks(model, method)
+        size = 0
+        if trainer.is_world_process_zero():
+            save_dir = Path(tmp) / "adapter"
+            model.save_pretrained(save_dir)
+            size = T.directory_bytes(save_dir)
+    losses = recorder.losses
+    diverged = val_nan or test_nan or any(not math.isfinite(v) for _, v in losses)
+    timed = recorder.step_times[2:] or recorder.step_times  # first steps are warm-up
+    return {
+        "r": r, "lr": lr, "total_steps": total_steps, "diverged": bool(diverged),
+        "val": val, "test": test,
+        "trainable_params_kept": kept["kept"], "adapter_params_kept": kept["adapter"], "head_params": kept["head"],
+        "trainable_params_during_training": kept["capacity"], "adapter_file_bytes": size,
+        "train_time_s": train_time, "median_step_s": statistics.median(timed) if timed else None,
+        **recorder.peak_memory(),
+        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "final_ranks": ranks,
+        "per_rank_params": T.per_rank_params(model, method),
+        "rank_trajectory": {"layers": recorder.layers, "steps": recorder.rank_steps, "ranks": recorder.rank_rows},
+        "train_loss": losses,
+        "adapter_config": {k: v for k, v in config.to_dict().items() if k not in ("rank_pattern",)},
+    }
+
+
+def _primary(task: gdata.TaskData) -> str:
+    return task.metric_names[0]
+
+
+def _select(runs: list[dict], metric: str) -> dict[int, int]:
+    """Per budget: index of the run with the best validation metric among runs that did not diverge."""
+    best: dict[int, int] = {}
+    for i, run in enumerate(runs):
+        v = run["val"].get(metric, float("nan"))
+        if run["diverged"] or not math.isfinite(v):
+            continue
+        j = best.get(run["r"])
+        if j is None or v > runs[j]["val"][metric]:
+            best[run["r"]] = i
+    return best
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, (set, tuple)):
+        return list(o)
+    return str(o)
+
+
+def _write(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    tmp.replace(path)
+
+
+def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, progress, verbose: bool,
+             is_main: bool) -> Optional[dict]:
+    path = out_dir / f"{cell['method']}--{cell['task']}--{cell['seed']}.json"
+    partial_path = path.with_name(path.stem + ".partial.json")
+    runs: list[dict] = []
+    if partial_path.is_file():
+        runs = json.loads(partial_path.read_text()).get("runs", [])
+    done = {(run["r"], run["lr"]) for run in runs}
+    prepared = prepare(cell, data_dir, out_dir)
+    for r in cell["budgets"]:
+        for lr in cell["lrs"]:
+            if (r, lr) in done:
+                progress.update(1)
+                continue
+            progress.set_postfix_str(f"{cell['method']} {cell['task']} seed {cell['seed']} r {r} lr {lr:g}")
+            runs.append(train_one(cell, prepared, r, lr, verbose))
+            if is_main:
+                _write(partial_path, {"runs": runs})
+            progress.update(1)
+    metric = _primary(prepared["task"])
+    selected = _select(runs, metric)
+    main_r = cell["budgets"][0]
+    best = runs[selected[main_r]] if main_r in selected else None
+    result = {
+        "suite": cell["suite"], "kind": cell["kind"], "method": cell["method"], "task": cell["task"],
+        "seed": cell["seed"], "status": "done", "primary_metric": metric,
+        "budget_rule": "LoRA r; AdaLoRA init_r=ceil(1.5r) -> target_r=r; GeoLoRA r -> r_max=2r",
+        "lr_grid": cell["lrs"], "budgets": cell["budgets"], "trajectory_lr": cell.get("trajectory_lr"),
+        "selected": {str(k): v for k, v in selected.items()},
+        "selection": "best validation metric (val split carved from train) among non-diverged grid points; test reported",
+        "val": best["val"] if best else None, "test": best["test"] if best else None,
+        "lr": best["lr"] if best else None,
+        **({k: best[k] for k in ("trainable_params_kept", "adapter_params_kept", "head_params",
+                                 "trainable_params_during_training", "adapter_file_bytes", "train_time_s",
+                                 "median_step_s", "peak_rss_bytes", "final_ranks")} if best else {}),
+        "runs": runs,
+        "provenance": {
+            **common, "task_source": prepared["source"], "split_sizes": prepared["sizes"],
+            "pretrained_in_benchmark": prepared.get("pretrained_dir"),
+            "settings": {k: cell[k] for k in ("hp", "model", "data")},
+            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        },
+    }
+    if is_main:
+        _write(path, result)
+        partial_path.unlink(missing_ok=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="smoke", help="configs/bench/<preset>.yaml (smoke, cpu, full)")
+    parser.add_argument("--config", help="a benchmark YAML instead of a preset")
+    parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS), help="default benchmarks/results")
+    parser.add_argument("--data-dir", help="read every task from DIR/<task>/ (local files in the task's format)")
+    parser.add_argument("--suites", nargs="*", help="only these suites")
+    parser.add_argument("--tasks", nargs="*", help="only these tasks")
+    parser.add_argument("--methods", nargs="*", choices=METHODS, help="only these methods")
+    parser.add_argument("--seeds", nargs="*", type=int, help="only these seeds")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads on CPU (default: the config's, else 2)")
+    parser.add_argument("--verbose", action="store_true", help="show the Trainer's own progress bars and logs")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and exit")
+    args = parser.parse_args(argv)
+
+    from tqdm.auto import tqdm
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    cfg = load_preset(args.preset, args.config)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(args.threads or cfg.get("threads", 2))
+    only = {"suites": set(args.suites or []), "tasks": set(args.tasks or []), "methods": set(args.methods or []),
+            "seeds": set(args.seeds or [])}
+    cells = plan_cells(cfg, only)
+    data_dir = args.data_dir
+    tmp_data = None
+    if cfg.get("smoke_data") and data_dir is None:
+        tmp_data = tempfile.TemporaryDirectory(prefix="geolora-smoke-data-")
+        data_dir = tmp_data.name
+        T.write_smoke_fixtures(Path(data_dir))
+    results = Path(args.results_dir)
+    todo = [c for c in cells if not (results / c["suite"] / f"{c['method']}--{c['task']}--{c['seed']}.json").is_file()]
+    if args.dry_run:
+        for c in cells:
+            state = "todo" if c in todo else "done"
+            print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={c['lrs']}")
+        return 0
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    common = {
+        "preset": args.preset, "config_file": cfg["_path"], "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "versions": _versions(), "hardware": _hardware(), "git": _git(), "data_dir": args.data_dir,
+        "note": cfg.get("note", ""),
+    }
+    n_runs = sum(len(c["budgets"]) * len(c["lrs"]) for c in todo)
+    progress = tqdm(total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run",
+                    disable=not is_main)
+    try:
+        for cell in todo:
+            out_dir = results / cell["suite"]
+            out_dir.mkdir(parents=True, exist_ok=True)
+            run_cell(cell, out_dir, data_dir, common, progress, args.verbose, is_main)
+            if T.world_size() > 1:
+                from accelerate import PartialState
+
+                PartialState().wait_for_everyone()
+    finally:
+        progress.close()
+        if tmp_data is not None:
+            tmp_data.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

