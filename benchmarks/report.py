@@ -97,7 +97,7 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
             cs = sorted(by[(task, m)], key=lambda c: c["seed"])
             if not cs:
                 continue
-            f = lambda k: _mean([c.get(k) for c in cs])  # noqa: E731
+            f = lambda k, cs=cs: _mean([c.get(k) for c in cs])  # noqa: E731
             step = f("median_step_s")
             rss = f("peak_rss_bytes")
             size = f("adapter_file_bytes")
@@ -285,7 +285,8 @@ def plot_params_over_steps(suite: str, cells: list[dict], out: Path) -> list[Pat
             for i, run in enumerate(runs):
                 steps, totals = adapter_params_over_steps(run, c["method"])
                 style = "-" if c["method"] == "geolora" else "--"
-                shade = plt.get_cmap("Blues" if c["method"] == "geolora" else "Greens")(0.4 + 0.6 * i / max(len(runs), 2))
+                cmap = plt.get_cmap("Blues" if c["method"] == "geolora" else "Greens")
+                shade = cmap(0.4 + 0.6 * i / max(len(runs), 2))
                 label = f"{c['method']} r0={run['r']}" + (" (diverged)" if run["diverged"] else "")
                 ax.plot(steps, totals, style, color=shade, label=label)
                 drawn = True

@@ -397,7 +397,8 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
         "budget_rule": "LoRA r; AdaLoRA init_r=ceil(1.5r) -> target_r=r; GeoLoRA r -> r_max=2r",
         "lr_grid": cell["lrs"], "budgets": cell["budgets"], "trajectory_lr": cell.get("trajectory_lr"),
         "selected": {str(k): v for k, v in selected.items()},
-        "selection": "best validation metric (val split carved from train) among non-diverged grid points; test reported",
+        "selection": "best validation metric (val split carved from train) among non-diverged grid points; "
+                     "test reported",
         "val": best["val"] if best else None, "test": best["test"] if best else None,
         "lr": best["lr"] if best else None,
         **({k: best[k] for k in ("trainable_params_kept", "adapter_params_kept", "head_params",
@@ -458,7 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     is_main = int(os.environ.get("RANK", "0")) == 0
     common = {
-        "preset": args.preset, "config_file": cfg["_path"], "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "preset": args.preset, "config_file": cfg["_path"],
+        "command": " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv))),
         "versions": _versions(), "hardware": _hardware(), "git": _git(), "data_dir": args.data_dir,
         "note": cfg.get("note", ""),
     }

@@ -35,7 +35,8 @@ from geolora import data as gdata
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                 "Ankle boot"]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -131,7 +132,8 @@ def tokenize(splits: Splits, tokenizer, max_length: int):
     out = []
     for ds in (splits.train, splits.val, splits.test):
         remove = [c for c in ds.column_names if c != "label"]
-        out.append(ds.map(encode, batched=True, remove_columns=remove, desc="tokenize").rename_column("label", "labels"))
+        encoded = ds.map(encode, batched=True, remove_columns=remove, desc="tokenize")
+        out.append(encoded.rename_column("label", "labels"))
     return out
 
 
@@ -165,10 +167,13 @@ def image_collator(features):
     }
 
 
-def prepare_images(splits: Splits, transform: ImageTransform):
-    """Pre-compute pixel tensors once (the sets here are small) so every run of a cell sees identical inputs."""
+def prepare_images(splits: Splits, transform: ImageTransform, precompute_limit: int = 20000):
+    """Pixel tensors for the Trainer: pre-computed once for small sets (every run of a cell reuses them), computed on
+    the fly (``with_transform``) for large ones such as CIFAR at 224 px (50k x 3 x 224 x 224 floats would be 30 GB)."""
     from datasets import Dataset
 
+    if len(splits.train) + len(splits.val) + len(splits.test) > precompute_limit:
+        return [ds.with_transform(transform) for ds in (splits.train, splits.val, splits.test)]
     out = []
     for ds in (splits.train, splits.val, splits.test):
         pixels = []
@@ -318,9 +323,10 @@ def kept_parameters(model, method: str) -> dict[str, int]:
     the triplets its final ``rank_pattern`` keeps (masked triplets are sliced away on save). LoRA: ``r (in + out)``.
     Also returned: ``capacity`` (parameters that had ``requires_grad`` during training).
     """
-    import geolora
     from peft.tuners.adalora.layer import AdaLoraLayer
     from peft.tuners.lora.layer import LoraLayer
+
+    import geolora
 
     adapter = 0
     if method == "geolora":

@@ -1,0 +1,209 @@
+"""Benchmark runner and report: the smoke preset end to end, and the Hub code paths on tiny offline fixtures.
+
+The smoke preset (configs/bench/smoke.yaml) trains tiny BERT / DeBERTa-v2 / ViT models built from configs on data the
+runner writes to a temp dir in the real tasks' formats, for all three methods, then the report turns the cell files
+into tables and plots. The GLUE / CIFAR Hub paths are exercised with ``datasets.load_dataset`` replaced by fixtures
+with the Hub sets' columns and features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import tasks as T  # noqa: E402
+
+from geolora import data as gdata  # noqa: E402
+
+CELL_FIELDS = ("provenance", "test", "val", "lr", "lr_grid", "trainable_params_kept", "adapter_params_kept",
+               "adapter_file_bytes", "train_time_s", "median_step_s", "peak_rss_bytes", "final_ranks", "runs")
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                TOKENIZERS_PARALLELISM="false")
+
+
+def _run(*args, timeout=900):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke-results")
+    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(out), "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
+    cells = sorted((smoke_results / "smoke").glob("*.json"))
+    names = {p.stem for p in cells}
+    for method in ("geolora", "lora", "adalora"):
+        for task, seed in (("sentiment", 0), ("sentiment", 1), ("rte", 0), ("stsb", 0), ("cifar10", 0)):
+            assert f"{method}--{task}--{seed}" in names
+    for path in cells:
+        cell = json.loads(path.read_text())
+        assert cell["status"] == "done"
+        for key in CELL_FIELDS:
+            assert key in cell, (path.name, key)
+        prov = cell["provenance"]
+        assert prov["git"]["revision"] and prov["versions"]["peft"] and prov["hardware"]["cpu_count"]
+        assert cell["adapter_file_bytes"] > 0 and cell["median_step_s"] > 0 and cell["peak_rss_bytes"] > 0
+        run = cell["runs"][cell["selected"][str(cell["budgets"][0])]]
+        traj = run["rank_trajectory"]
+        assert len(traj["steps"]) == run["total_steps"] + 1 and len(traj["layers"]) == len(cell["final_ranks"])
+        r = cell["budgets"][0]
+        ranks = list(cell["final_ranks"].values())
+        if cell["method"] == "lora":
+            assert set(ranks) == {r}
+        elif cell["method"] == "adalora":  # masked to the target budget: average rank r, init_r = 1.5 r at step 0
+            assert sum(ranks) == r * len(ranks) and set(traj["ranks"][0]) == {3}
+        else:
+            assert all(1 <= k <= 2 * r for k in ranks) and set(traj["ranks"][0]) == {r}
+    stsb = json.loads((smoke_results / "smoke" / "geolora--stsb--0.json").read_text())
+    assert set(stsb["test"]) >= {"pearson", "spearmanr"}
+    mrpc_like = json.loads((smoke_results / "smoke" / "lora--rte--0.json").read_text())
+    assert "accuracy" in mrpc_like["test"]
+
+
+def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
+    cell = json.loads((smoke_results / "smoke-robust" / "adalora--sentiment--0.json").read_text())
+    assert {(run["r"], run["lr"]) for run in cell["runs"]} == {(2, 0.01), (2, 30.0), (4, 0.01), (4, 30.0)}
+    for r, idx in cell["selected"].items():
+        chosen = cell["runs"][idx]
+        assert not chosen["diverged"]
+        same_budget = [run for run in cell["runs"] if run["r"] == int(r) and not run["diverged"]]
+        assert chosen["val"]["accuracy"] == max(run["val"]["accuracy"] for run in same_budget)
+
+
+def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
+    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--dry-run")
+    assert proc.returncode == 0
+    assert "todo" not in proc.stdout and proc.stdout.count("done") == 15 + 2
+    # an interrupted cell: its finished grid points are kept in *.partial.json and not trained again
+    cell_path = smoke_results / "smoke" / "lora--sentiment--1.json"
+    cell = json.loads(cell_path.read_text())
+    cell_path.unlink()
+    partial = cell_path.with_name("lora--sentiment--1.partial.json")
+    partial.write_text(json.dumps({"runs": cell["runs"][:1]}))
+    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--tasks", "sentiment",
+                "--methods", "lora", "--seeds", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    redone = json.loads(cell_path.read_text())
+    assert redone["runs"][0] == cell["runs"][0]  # reused, not retrained
+    assert len(redone["runs"]) == 2 and not partial.exists()
+
+
+def test_report_writes_tables_and_plots(smoke_results):
+    proc = _run("benchmarks/report.py", "--results-dir", str(smoke_results))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (smoke_results / "report.md").read_text()
+    assert "| task | metric | geolora | lora | adalora |" in report and "± " in report
+    assert "| r \\ lr | 0.01 | 30 |" in report
+    plots = {p.name for p in (smoke_results / "plots").glob("*.png")}
+    assert {"metric-vs-params-smoke.png", "ranks-smoke-sentiment.png", "robustness-smoke-robust-sentiment.png",
+            "params-over-steps-smoke-robust-sentiment.png"} <= plots
+
+
+# ----------------------------------------------------------------------------------------------- Hub code paths
+@pytest.mark.parametrize("task", sorted(t for t in gdata.GLUE_TASKS if t != "wnli"))
+def test_glue_tasks_from_data_dir(tmp_path, task):
+    T.write_glue_fixture(tmp_path, task)
+    data = T.load_raw_task(task, data_dir=str(tmp_path))
+    first, second, num_labels, metrics = gdata.GLUE_TASKS[task]
+    assert data.has_pair == (second is not None) and data.num_labels == num_labels
+    assert data.metric_names == metrics and len(data.train) == 48
+    splits = T.make_splits(data, None, 8, None, 0)
+    assert len(splits.train) == 40 and len(splits.val) == 8 and len(splits.test) == 16
+
+
+def _glue_dataset_dict(tmp_path, task):
+    import datasets
+    import pandas as pd
+
+    first, second, num_labels, _ = gdata.GLUE_TASKS[task]
+    folder = T.write_glue_fixture(tmp_path, task)
+    feats = {first: datasets.Value("string")} | ({second: datasets.Value("string")} if second else {})
+    feats["label"] = datasets.Value("float32") if num_labels == 1 else datasets.ClassLabel(
+        names=[f"c{i}" for i in range(num_labels)])
+    feats["idx"] = datasets.Value("int32")
+    features = datasets.Features(feats)
+    split = lambda name: datasets.Dataset.from_pandas(pd.read_csv(folder / f"{name}.csv"), features=features)  # noqa: E731
+    eval_name = gdata.GLUE_EVAL_SPLIT.get(task, "validation")
+    return datasets.DatasetDict({"train": split("train"), eval_name: split("validation")})
+
+
+@pytest.mark.parametrize("task", ["mnli", "stsb", "cola"])
+def test_glue_hub_path_calls_load_dataset(tmp_path, monkeypatch, task):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(*args, **kwargs):
+        calls.append(args)
+        return _glue_dataset_dict(tmp_path, task)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = T.load_raw_task(task)
+    assert calls == [("glue", task)]
+    assert "text" in data.train.column_names and "idx" not in data.train.column_names
+    assert data.is_regression == (task == "stsb")
+
+
+def test_cifar_hub_path_and_lazy_pixels(tmp_path, monkeypatch):
+    import datasets
+
+    folder = T.write_image_fixture(tmp_path, "cifar10", per_class=2, test_per_class=1)
+    local = gdata.load_image_folder(folder)
+
+    def fake_load_dataset(name, *args, **kwargs):
+        assert name == "cifar10"
+        labels = datasets.ClassLabel(names=local.label_names)  # the Hub set's feature type
+        rename = lambda ds: ds.rename_column("image", "img").cast_column("label", labels)  # noqa: E731
+        return datasets.DatasetDict({"train": rename(local.train), "test": rename(local.eval)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = T.load_raw_task("cifar10")
+    splits = T.make_splits(data, None, 4, None, 0)
+    transform = T.ImageTransform(None, image_size=16, channels=3)
+    eager = T.prepare_images(splits, transform)
+    lazy = T.prepare_images(splits, transform, precompute_limit=0)
+    a = T.image_collator([eager[0][i] for i in range(3)])
+    b = T.image_collator([lazy[0][i] for i in range(3)])
+    assert a["pixel_values"].shape == (3, 3, 16, 16)
+    torch.testing.assert_close(a["pixel_values"], b["pixel_values"])
+    assert a["labels"].tolist() == b["labels"].tolist()
+
+
+def test_budget_rule_and_full_preset_plan():
+    import run as R
+
+    spec = {"targets": ["q_proj"], "modules_to_save": ["classifier"]}
+    ada = T.adapter_config("adalora", 8, spec, {}, 100, None)
+    geo = T.adapter_config("geolora", 8, spec, {"tau": 0.1}, 100, None)
+    lora = T.adapter_config("lora", 8, spec, {}, 100, None)
+    assert (ada.init_r, ada.target_r, ada.total_step, ada.tinit, ada.tfinal) == (12, 8, 100, 10, 20)
+    assert (geo.r, geo.r_max, geo.tau, lora.r) == (8, 16, 0.1, 8)
+
+    cfg = R.load_preset("full", None)
+    cells = R.plan_cells(cfg, {"suites": set(), "tasks": set(), "methods": set(), "seeds": set()})
+    glue = [c for c in cells if c["suite"] == "glue"]
+    assert {c["task"] for c in glue} == {"cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"}
+    assert len(glue) == 8 * 3 * 5
+    rte = next(c for c in glue if c["task"] == "rte")
+    assert rte["lrs"] == pytest.approx([6e-4, 1.2e-3, 2.4e-3]) and rte["hp"]["epochs"] == 80
+    assert rte["hp"]["batch_size"] == 32 and rte["model"]["pretrained"] == "microsoft/deberta-v3-base"
+    vit = [c for c in cells if c["suite"] == "vit"]
+    assert {c["task"] for c in vit} == {"cifar10", "cifar100"}
+    assert vit[0]["model"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
