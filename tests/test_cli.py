@@ -1,0 +1,480 @@
+"""The ``geolora`` command line end to end on tiny models built from configs and data written here (no Hub).
+
+Every subcommand runs in-process through ``geolora.cli.main``; the console script itself, the error exit of a
+fresh process and a two-process ``torchrun`` launch (gloo on CPU) run as subprocesses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from geolora import cli
+
+REPO = Path(__file__).resolve().parent.parent
+WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "a"]
+FAST = [
+    "--max_steps",
+    "3",
+    "--per_device_train_batch_size",
+    "8",
+    "--logging_steps",
+    "1",
+    "--disable_tqdm",
+    "true",
+    "--r",
+    "4",
+    "--r_max",
+    "8",
+    "--lora_alpha",
+    "4",
+    "--max_length",
+    "16",
+    "--learning_rate",
+    "1e-2",
+    "--target_modules",
+    "query",
+    "value",
+    "intermediate.dense",
+]
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in argv])
+        except SystemExit as e:  # argparse: --help and usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _sentence(rng, positive: bool) -> str:
+    cue = rng.choice(WORDS[:4] if positive else WORDS[4:8])
+    filler = list(rng.choice(WORDS[8:], size=4))
+    filler.insert(int(rng.integers(0, 5)), cue)
+    return " ".join(filler)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny BERT + tokenizer, a tiny ViT + image processor, and text/pair data files."""
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizerFast,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    bert = root / "tiny-bert"
+    torch.manual_seed(0)
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=5 + len(WORDS),
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(bert)
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(bert)
+
+    vit = root / "tiny-vit"
+    ViTForImageClassification(
+        ViTConfig(
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=37,
+        )
+    ).save_pretrained(vit)
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    ViTImageProcessorPil(size={"height": 8, "width": 8}).save_pretrained(vit)
+
+    rng = np.random.default_rng(0)
+    text = root / "text"
+    text.mkdir()
+    for split, n in (("train", 48), ("validation", 16)):
+        labels = [["neg", "pos"][i % 2] for i in range(n)]
+        rows = [{"text": _sentence(rng, y == "pos"), "label": y} for y in labels]
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(text / f"{split}.csv", index=False)
+    pairs = root / "pairs"
+    pairs.mkdir()
+    for split, n in (("train", 32), ("validation", 12)):
+        with open(pairs / f"{split}.jsonl", "w") as f:
+            for i in range(n):
+                f.write(
+                    json.dumps(
+                        {"sentence1": _sentence(rng, True), "sentence2": _sentence(rng, i % 2 == 0), "label": i % 2}
+                    )
+                    + "\n"
+                )
+    return {"root": root, "bert": bert, "vit": vit, "text": text, "pairs": pairs}
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    """One text adapter trained through the CLI, shared by the tests of the other subcommands."""
+    out = assets["root"] / "run-text"
+    rc, stdout, stderr = run_cli(
+        "train",
+        "--model_name_or_path",
+        assets["bert"],
+        "--task",
+        "local",
+        "--data_dir",
+        assets["text"],
+        "--output_dir",
+        out,
+        *FAST,
+    )
+    assert rc == 0, stderr
+    return out, stdout
+
+
+# ------------------------------------------------------------------------------------------------ help
+def test_help_lists_commands_and_options():
+    rc, out, _ = run_cli("--help")
+    assert rc == 0
+    for command in ("train", "eval", "inspect", "export-lora", "merge"):
+        assert command in out
+    rc, out, _ = run_cli("train", "--help")
+    assert rc == 0 and "--tau" in out and "--task" in out and "--learning_rate" in out and "--config" in out
+    for command in ("eval", "inspect", "export-lora", "merge"):
+        rc, out, _ = run_cli(command, "--help")
+        assert rc == 0 and "usage: geolora " + command in out
+
+
+# ------------------------------------------------------------------------------------------------ train + others
+def test_train_writes_adapter_metrics_plot_and_card(trained):
+    out, stdout = trained
+    for name in (
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.json",
+        "ranks.png",
+        "README.md",
+        "tokenizer_config.json",
+        cli.RUN_INFO,
+    ):
+        assert (out / name).is_file(), name
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert cfg["peft_type"] == "GEOLORA" and cfg["rank_pattern"] == metrics["ranks"]
+    assert len(metrics["ranks"]) == 2 * 3 and all(1 <= r <= 8 for r in metrics["ranks"].values())
+    assert set(metrics["metrics"]) == {"accuracy", "f1"}
+    assert metrics["sizes"]["lora_initial_rank_params"] == 2 * 4 * ((32 + 32) * 2 + (32 + 37))
+    assert "ranks per layer" in stdout and "accuracy" in stdout and "for LoRA r=4" in stdout
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---")[1])
+    assert meta["library_name"] == "peft" and meta["tags"] == ["geolora", "peft"]
+    assert meta["base_model"] == cfg["base_model_name_or_path"]
+    assert "import geolora" in card and "export-lora" in card and '"tau": 0.1' in card
+
+
+def test_eval_reproduces_training_metric(trained):
+    out, _ = trained
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    rc, stdout, stderr = run_cli("eval", out, "--output_json", out / "eval.json")
+    assert rc == 0, stderr
+    again = json.loads((out / "eval.json").read_text())["metrics"]
+    assert again == pytest.approx(metrics)
+    assert f"accuracy {metrics['accuracy']:.4f}" in stdout
+
+
+def test_inspect_without_base_model(trained, tmp_path):
+    out, _ = trained
+    moved = tmp_path / "adapter"  # only the adapter files: no base model, no run info
+    moved.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copy(out / name, moved / name)
+    rc, stdout, stderr = run_cli("inspect", moved, "--json")
+    assert rc == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["ranks"] == json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert summary["geolora_params"] == sum(
+        r * (64 + r) if "intermediate" not in n else r * (69 + r) for n, r in summary["ranks"].items()
+    )
+    assert (moved / "ranks.png").is_file()
+    rc, stdout, _ = run_cli("inspect", moved, "--no-plot")
+    assert rc == 0 and "layer" in stdout and "GeoLoRA parameters" in stdout
+
+
+def _logits(model, tokenizer):
+    batch = tokenizer(["good movie", "the plot was awful"], ["a", "sad"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def test_export_lora_and_merge_match_the_adapter(trained, tmp_path):
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = trained
+    model, tokenizer, _ = cli.load_adapter_model(str(out))
+    reference = _logits(model, tokenizer)
+
+    rc, stdout, stderr = run_cli("export-lora", out, tmp_path / "lora")
+    assert rc == 0, stderr
+    assert "LoRA adapter" in stdout
+    lora_cfg = LoraConfig.from_pretrained(tmp_path / "lora")
+    assert lora_cfg.rank_pattern == json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    base = cli._load_base_model(lora_cfg.base_model_name_or_path, "text", ["neg", "pos"])
+    lora = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
+    torch.testing.assert_close(_logits(lora, tokenizer), reference, atol=1e-5, rtol=1e-4)
+
+    rc, stdout, stderr = run_cli("merge", out, tmp_path / "merged")
+    assert rc == 0, stderr
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    assert merged.config.id2label == {0: "neg", 1: "pos"}
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(_logits(merged, tok), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_train_sentence_pairs_in_glue_format(assets, tmp_path):
+    rc, stdout, stderr = run_cli(
+        "train",
+        "--model_name_or_path",
+        assets["bert"],
+        "--task",
+        "mrpc",
+        "--data_dir",
+        assets["pairs"],
+        "--output_dir",
+        tmp_path,
+        *FAST,
+    )
+    assert rc == 0, stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"accuracy", "f1"} and metrics["num_eval_examples"] == 12
+    assert json.loads((tmp_path / cli.RUN_INFO).read_text())["data_args"]["task"] == "mrpc"
+
+
+def test_train_image_classification_tiny_vit(assets, tmp_path):
+    rc, stdout, stderr = run_cli(
+        "train",
+        "--model_name_or_path",
+        assets["vit"],
+        "--task",
+        "digits",
+        "--max_train_samples",
+        "32",
+        "--max_eval_samples",
+        "16",
+        "--output_dir",
+        tmp_path,
+        "--target_modules",
+        "q_proj",
+        "v_proj",
+        "fc1",
+        "fc2",
+        *FAST[:-4],
+    )
+    assert rc == 0, stderr
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(metrics["metrics"]) == {"accuracy", "f1"} and len(metrics["ranks"]) == 2 * 4
+    card = (tmp_path / "README.md").read_text()
+    assert "pipeline_tag: image-classification" in card and "AutoModelForImageClassification" in card
+    rc, stdout, stderr = run_cli("eval", tmp_path)
+    assert rc == 0, stderr
+    assert f"accuracy {metrics['metrics']['accuracy']:.4f}" in stdout
+
+
+def test_push_to_hub_uploads_the_adapter_folder(assets, tmp_path, monkeypatch):
+    """The Hub at its network boundary: HfApi.create_repo / upload_folder record what would be sent."""
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+        return huggingface_hub.RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, folder_path, repo_id, **kwargs):
+        remote = tmp_path / "remote"
+        shutil.copytree(folder_path, remote)
+        calls["upload_folder"] = (repo_id, kwargs)
+        return "commit"
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("unexpected Hub call")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", no_network)
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_cli(
+        "train",
+        "--model_name_or_path",
+        assets["bert"],
+        "--task",
+        "local",
+        "--data_dir",
+        assets["text"],
+        "--output_dir",
+        out,
+        "--push_to_hub",
+        "true",
+        "--hub_model_id",
+        "me/tiny-geolora",
+        *FAST,
+    )
+    assert rc == 0, stderr
+    assert calls["create_repo"][0] == "me/tiny-geolora" and calls["upload_folder"][0] == "me/tiny-geolora"
+    remote = tmp_path / "remote"
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md", "metrics.json", "ranks.png"} <= {
+        p.name for p in remote.iterdir()
+    }
+    assert "library_name: peft" in (remote / "README.md").read_text()
+    assert "pushed" in stdout and "me/tiny-geolora" in stdout
+
+
+# ------------------------------------------------------------------------------------------------ configs
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "task: local\nlearning_rate: 3e-4\ntau: 0.2\ntarget_modules: [query, value]\n"
+        "num_train_epochs: 5\nmax_train_samples: null\n"
+    )
+    model, data, geo, training = cli.parse_train_args(["--config", str(cfg), "--tau", "0.3"])
+    assert data.task == "local" and training.learning_rate == 3e-4 and training.num_train_epochs == 5
+    assert geo.tau == 0.3 and geo.target_modules == ["query", "value"] and data.max_train_samples is None
+    assert model.model_name_or_path == "all-MiniLM-L6-v2"
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_parse_and_say_how_to_run(path):
+    text = path.read_text()
+    assert text.startswith("#") and f"geolora train --config configs/{path.name}" in text.split("\n\n")[0]
+    model, data, geo, training = cli.parse_train_args(["--config", str(path)])
+    geo.to_config("SEQ_CLS")  # validates the GeoLoRA values
+
+
+# ------------------------------------------------------------------------------------------------ errors
+@pytest.fixture
+def bad_yaml(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("learning_rate: 1e-3\nlearnin_rate: 2\n")
+    return p
+
+
+ERROR_CASES = {
+    "unknown task": (["train", "--task", "sst3"], r"unknown task 'sst3'"),
+    "unknown model": (
+        ["train", "--model_name_or_path", "{root}/no-such-model", "--task", "local", "--data_dir", "{text}"],
+        r"cannot load (model|the tokenizer of) '.*no-such-model'",
+    ),
+    "missing column": (
+        [
+            "train",
+            "--model_name_or_path",
+            "{bert}",
+            "--task",
+            "local",
+            "--data_dir",
+            "{text}",
+            "--text_column",
+            "review",
+        ],
+        r"no column\(s\) \['review'\]",
+    ),
+    "wrong label count": (
+        ["train", "--model_name_or_path", "{bert}", "--task", "local", "--data_dir", "{text}", "--num_labels", "3"],
+        r"--num_labels 3 but task 'local' has 2",
+    ),
+    "unreadable path": (
+        ["train", "--task", "local", "--train_file", "{root}/nope.csv", "--validation_file", "{root}/nope.csv"],
+        r"cannot read data file .*nope\.csv.*no such file",
+    ),
+    "bad yaml key": (["train", "--config", "{bad_yaml}"], r"unknown key\(s\) \['learnin_rate'\]"),
+    "missing config": (["train", "--config", "{root}/missing.yaml"], r"cannot read config .*missing\.yaml"),
+    "missing checkpoint": (["train", "--resume_from_checkpoint", "{root}/checkpoint-9"], r"no such checkpoint"),
+    "bad geolora value": (
+        ["train", "--model_name_or_path", "{bert}", "--task", "local", "--data_dir", "{text}", "--tau", "1.5"],
+        r"GeoLoRAConfig\.tau=1\.5 is invalid",
+    ),
+    "target not found": (
+        [
+            "train",
+            "--model_name_or_path",
+            "{bert}",
+            "--task",
+            "local",
+            "--data_dir",
+            "{text}",
+            "--target_modules",
+            "q_proj",
+        ],
+        r"cannot apply GeoLoRA",
+    ),
+    "inspect missing dir": (["inspect", "{root}/nothing"], r"is not a folder"),
+    "eval non-adapter": (["eval", "{text}"], r"has no adapter_config\.json"),
+    "merge missing": (["merge", "{root}/nothing", "{root}/out"], r"is not a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_user_errors_are_one_line_without_traceback(case, assets, bad_yaml):
+    argv, pattern = ERROR_CASES[case]
+    fmt = {k: str(v) for k, v in assets.items()} | {"bad_yaml": str(bad_yaml)}
+    rc, out, err = run_cli(*[a.format(**fmt) for a in argv])
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("geolora ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_console_script_error_exit_in_a_fresh_process(tmp_path):
+    exe = shutil.which("geolora")
+    cmd = [exe] if exe else [sys.executable, "-m", "geolora.cli"]
+    proc = subprocess.run(cmd + ["inspect", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("geolora inspect: error:")
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_train_under_two_process_torchrun(assets, tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU with gloo: the CLI runs unchanged; process 0 writes the adapter."""
+    out = tmp_path / "ddp"
+    # torchrun's own parser reads `--r` as an ambiguous abbreviation of its --rdzv*/--role/... options, so the
+    # GeoLoRA options go in the config file (the documented way to launch under torchrun)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump({"r": 4, "r_max": 8, "lora_alpha": 4, "target_modules": ["query", "value"]}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    train = f"train --config {config} --model_name_or_path {assets['bert']} --task local --data_dir {assets['text']}"
+    train += f" --output_dir {out} --use_cpu true --ddp_backend gloo --max_steps 3 --per_device_train_batch_size 4"
+    train += " --disable_tqdm true --max_length 16"
+    cmd = launcher + ["-m", "geolora.cli"] + train.split()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / cli.RUN_INFO).read_text())["world_size"] == 2
+    assert metrics["ranks"] == json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert proc.stdout.count("ranks per layer") == 1  # only process 0 reports
