@@ -241,13 +241,17 @@ def pretrain_in_benchmark(spec: dict, cache_root: Path, seed: int = 0) -> str:
     model = build_from_config(spec, task.num_labels)
     transform = ImageTransform(None, spec["from_config"]["image_size"], spec["from_config"].get("num_channels", 3))
     train, _, _ = prepare_images(Splits(task, splits.train, splits.val, splits.val), transform)
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="geolora-pretrain-")
     args = TrainingArguments(
-        output_dir=str(out) + ".tmp", per_device_train_batch_size=pre.get("batch_size", 64),
+        output_dir=tmp.name, per_device_train_batch_size=pre.get("batch_size", 64),
         num_train_epochs=pre.get("epochs", 1), learning_rate=pre.get("lr", 1e-3), warmup_steps=0.1,
         weight_decay=0.05, report_to="none", save_strategy="no", logging_steps=50, seed=seed,
         use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
     )
     Trainer(model=model, args=args, train_dataset=train, data_collator=image_collator).train()
+    tmp.cleanup()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     (out / "PRETRAINED_HERE.txt").write_text(

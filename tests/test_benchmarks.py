@@ -71,6 +71,9 @@ def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
             assert sum(ranks) == r * len(ranks) and set(traj["ranks"][0]) == {3}
         else:
             assert all(1 <= k <= 2 * r for k in ranks) and set(traj["ranks"][0]) == {r}
+    here = json.loads((smoke_results / "smoke" / "geolora--cifar10-pretrained-here--0.json").read_text())
+    pretrained = Path(here["provenance"]["pretrained_in_benchmark"])
+    assert (pretrained / "PRETRAINED_HERE.txt").is_file() and (pretrained / "config.json").is_file()
     stsb = json.loads((smoke_results / "smoke" / "geolora--stsb--0.json").read_text())
     assert set(stsb["test"]) >= {"pearson", "spearmanr"}
     mrpc_like = json.loads((smoke_results / "smoke" / "lora--rte--0.json").read_text())
@@ -90,7 +93,7 @@ def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
 def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
     proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--dry-run")
     assert proc.returncode == 0
-    assert "todo" not in proc.stdout and proc.stdout.count("done") == 15 + 2
+    assert "todo" not in proc.stdout and proc.stdout.count("done") == 16 + 2
     # an interrupted cell: its finished grid points are kept in *.partial.json and not trained again
     cell_path = smoke_results / "smoke" / "lora--sentiment--1.json"
     cell = json.loads(cell_path.read_text())
