@@ -185,9 +185,10 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
 
 def _short_layer(name: str) -> str:
     parts = name.split(".")
-    layer = next((p for p in parts if p.isdigit()), "")
-    tail = ".".join(parts[-2:])
-    return f"L{layer} {tail}"
+    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    if idx is None:
+        return ".".join(parts[-2:])
+    return f"L{parts[idx]} " + ".".join(p for p in parts[idx + 1:] if p not in ("self", "attn"))
 
 
 def plot_metric_vs_params(suite: str, cells: list[dict], out: Path) -> Optional[Path]:
