@@ -31,13 +31,18 @@ from .config import GeoLoRAConfig
 
 logger = logging.getLogger(__name__)
 
+# the eager forward computes with the live rank rounded up to a multiple of this many columns (see forward_factors)
+_MATMUL_WIDTH = 16
+
 
 def random_orthonormal(rows: int, cols: int, *, dtype=torch.float32, device=None, generator=None) -> torch.Tensor:
     """A random (rows, cols) matrix with orthonormal columns (QR of a Gaussian, signs fixed)."""
     a = torch.randn(rows, cols, dtype=torch.float64, generator=generator)
     q, r = torch.linalg.qr(a)
     q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()))
-    return q.to(dtype=dtype, device=device)
+    # contiguous: QR returns column-major Q; a layer created at full capacity (loaded from rank_pattern) would keep
+    # that layout and round its matmuls differently from a grown (row-major) one, so resumed runs would drift
+    return q.to(dtype=dtype, device=device).contiguous()
 
 
 def delta_matrix(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, scale: float) -> torch.Tensor:
@@ -51,26 +56,28 @@ class _LinearDirections(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, U, S, V, scale):
         xv = x @ V  # (..., r)
-        y = (xv @ S.transpose(0, 1)) @ U.transpose(0, 1)  # (..., out)
+        # s * U S folded into one (out, r) matrix: one thin matmul over the tokens, no extra pass over (..., out)
+        y = xv @ ((U @ S) * scale).transpose(0, 1)  # (..., out)
         ctx.save_for_backward(x, xv, U, S, V)
         ctx.scale = scale
-        return y * scale
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x, xv, U, S, V = ctx.saved_tensors
         s = ctx.scale
         dt = xv.dtype  # the forward's compute dtype (bf16/fp16 under autocast)
-        U_, S_, V_, dy = U.to(dt), S.to(dt), V.to(dt), dy.to(dt)
+        U_, S_, V_ = U.to(dt), S.to(dt), V.to(dt)
         r = xv.shape[-1]
-        dyu = dy @ U_  # (..., r)
-        dyu2 = dyu.reshape(-1, r)  # (T, r)
+        # flatten dy once: it often arrives non-contiguous (attention heads), and every product below reads it
+        dy2 = dy.reshape(-1, dy.shape[-1]).to(dt)  # (T, out)
         xv2 = xv.reshape(-1, r)  # (T, r)
+        dyu2 = dy2 @ U_  # (T, r)
         dx = gU = gS = gV = None
         if ctx.needs_input_grad[0]:
-            dx = ((dyu * s) @ S_) @ V_.transpose(0, 1)  # (..., in)
+            dx = (dyu2 @ ((S_ @ V_.transpose(0, 1)) * s)).reshape(x.shape)  # (..., in) = s (dY U) S V^T
         if ctx.needs_input_grad[1]:
-            gU = (dy.reshape(-1, dy.shape[-1]).transpose(0, 1) @ xv2) * s  # (out, r)
+            gU = (dy2.transpose(0, 1) @ xv2) * s  # (out, r)
         if ctx.needs_input_grad[2]:
             gS = (dyu2.transpose(0, 1) @ xv2) * s  # (r, r)
         if ctx.needs_input_grad[3]:
@@ -245,6 +252,20 @@ class GeoLoRALayer(BaseTunerLayer):
             return U, S, V
         return U[:, :r], S[:r, :r], V[:, :r]
 
+    def forward_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``U, S, V`` for the forward: the live rank rounded up to a multiple of ``_MATMUL_WIDTH`` columns (capped
+        at the capacity), or the full capacity in static-shape mode.  Columns beyond the rank are exactly zero, so
+        the output and the directions are the same as at the live rank; thin matmuls with 8 or fewer columns run at a
+        third of the speed of 16-column ones on CPU BLAS (benchmarks/results/perf/history.md)."""
+        U, S, V = self.geolora_U[adapter_name], self.geolora_S[adapter_name], self.geolora_V[adapter_name]
+        cap = U.shape[1]
+        if self.static_shapes:
+            return U, S, V
+        width = min(cap, -(-self.r[adapter_name] // _MATMUL_WIDTH) * _MATMUL_WIDTH)
+        if width == cap:
+            return U, S, V
+        return U[:, :width], S[:width, :width], V[:, :width]
+
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``ΔW = s * U S V^T`` in the base layer's weight layout."""
@@ -327,7 +348,7 @@ class Linear(nn.Module, GeoLoRALayer):
         return "geolora." + super().__repr__()
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        U, S, V = self.active_factors(adapter_name)
+        U, S, V = self.forward_factors(adapter_name)
         x = self._cast_input_dtype(x, U.dtype)
         x = self.geolora_dropout[adapter_name](x)
         return _LinearDirections.apply(x, U, S, V, self.scaling[adapter_name])
