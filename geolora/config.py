@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from ._peft_compat import ensure_peft_type_member
 
@@ -171,6 +174,8 @@ class GeoLoRAConfig(PeftConfig):
             self.r_max = 2 * self.r
         if not _is_int(self.r_max):
             _fail("r_max", self.r_max, "expected a positive int or None", TypeError)
+        if self.r_max <= 0:
+            _fail("r_max", self.r_max, "must be > 0")
         if not _is_int(self.r_min):
             _fail("r_min", self.r_min, "expected a positive int", TypeError)
         if self.r_min <= 0:
@@ -233,8 +238,37 @@ class GeoLoRAConfig(PeftConfig):
             _fail("layers_to_transform", self.layers_to_transform, "cannot be used when target_modules is a regex str")
         if self.target_modules is not None and not isinstance(self.target_modules, (str, list, set, tuple)):
             _fail("target_modules", self.target_modules, "expected a list of names or a regex str", TypeError)
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, (str, list, set, tuple)):
+            _fail("exclude_modules", self.exclude_modules, "expected a list of names or a regex str", TypeError)
+        ltt = self.layers_to_transform
+        if ltt is not None and not (_is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(_is_int(i) for i in ltt))):
+            _fail("layers_to_transform", ltt, "expected a layer index (int) or a list of them", TypeError)
+        lp = self.layers_pattern
+        str_list = isinstance(lp, (list, tuple)) and all(isinstance(i, str) for i in lp)
+        if lp is not None and not (isinstance(lp, str) or str_list):
+            _fail("layers_pattern", lp, "expected a str or a list of str", TypeError)
+        if not isinstance(self.inference_mode, bool):
+            _fail("inference_mode", self.inference_mode, "expected a bool", TypeError)
         if self.modules_to_save is not None and not isinstance(self.modules_to_save, (list, tuple, set)):
             _fail("modules_to_save", self.modules_to_save, "expected a list of module names", TypeError)
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple, set)) and not all(isinstance(v, str) for v in value):
+                _fail(name, value, "expected module names (str)", TypeError)
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """PEFT's ``save_pretrained``, written atomically: the JSON goes to a temporary folder inside
+        ``save_directory`` and is renamed over ``adapter_config.json``, so a killed save never leaves a half-written
+        config (the previous one or the new one stays)."""
+        if os.path.isfile(save_directory):
+            raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".adapter_config.", dir=save_directory) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+            written = os.path.join(tmp, CONFIG_NAME)
+            with open(written, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(written, os.path.join(save_directory, CONFIG_NAME))
 
     @property
     def scaling(self) -> float:

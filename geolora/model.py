@@ -181,6 +181,67 @@ def _check_saved_shapes(module: GeoLoRALayer, module_name: str, adapter_name: st
             )
 
 
+# Saved bases are orthonormal to ~1e-6 (fp32) or ~1e-2 (bf16 factors); anything far off is not a GeoLoRA basis.
+_SAVED_ORTHONORMALITY_TOL = 0.05
+
+
+def check_saved_adapter(weights: dict, filename: str, rank_pattern: dict) -> None:
+    """Check the tensors of a saved GeoLoRA adapter before they are loaded, with errors naming file and layer.
+
+    Every layer must have ``geolora_U`` (out, k), ``geolora_S`` (k, k) and ``geolora_V`` (in, k) with one rank k,
+    equal to its ``geolora_rank`` buffer and to ``rank_pattern`` (adapter_config.json) when that names the layer;
+    values must be finite and the bases orthonormal (to 0.05).  A file that fails was truncated, corrupted, edited,
+    or saved together with the config of another save (a save interrupted between the two files).
+
+    Args:
+        weights: the saved state dict (keys ``base_model.model.<layer>.geolora_U`` ...).
+        filename: the weights file, for the messages.
+        rank_pattern: ``rank_pattern`` of the adapter_config.json saved next to it.
+    """
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        split = _split_factor_key(key, None)
+        if split is not None:
+            layers.setdefault(split[0], {})[split[1]] = tensor
+    for module_name, parts in layers.items():
+        layer = _strip_prefixes(module_name)
+        where = f"GeoLoRA: layer '{layer}' in '{filename}'"
+        missing = [kind for kind in _FACTOR_NAMES if kind not in parts]
+        if missing:
+            raise ValueError(f"{where} has no {', '.join(missing)}; the file is incomplete or was edited.")
+        U, S, V = (parts[kind] for kind in _FACTOR_NAMES)
+        if S.dim() != 2 or S.shape[0] != S.shape[1] or U.dim() != 2 or V.dim() != 2:
+            raise ValueError(
+                f"{where} has factor shapes U {tuple(U.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)}; expected "
+                "U (out, k), S (k, k), V (in, k)."
+            )
+        k = S.shape[0]
+        if U.shape[1] != k or V.shape[1] != k:
+            raise ValueError(
+                f"{where} has inconsistent ranks: U {tuple(U.shape)}, S {tuple(S.shape)}, V {tuple(V.shape)}."
+            )
+        if "geolora_rank" in parts and parts["geolora_rank"].numel() == 1 and int(parts["geolora_rank"]) != k:
+            raise ValueError(f"{where} stores rank {int(parts['geolora_rank'])} but its factors have rank {k}.")
+        expected = rank_pattern.get(layer) if isinstance(rank_pattern, dict) else None
+        if expected is not None and expected != k:
+            raise ValueError(
+                f"{where} has rank {k} but the rank_pattern of adapter_config.json (next to it) says {expected}: the "
+                "two files come from different saves (an interrupted save?) or were edited. Save the adapter again "
+                "or load an earlier checkpoint."
+            )
+        for kind, t in zip(_FACTOR_NAMES, (U, S, V)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"{where}: {kind} contains inf/NaN values; the file is corrupted.")
+        for kind, t in (("geolora_U", U), ("geolora_V", V)):
+            t = t.double()
+            err = (t.T @ t - torch.eye(k, dtype=torch.float64, device=t.device)).abs().max().item() if k else 0.0
+            if err > _SAVED_ORTHONORMALITY_TOL:
+                raise ValueError(
+                    f"{where}: {kind} is not orthonormal (max |X^T X - I| = {err:.3g}); the file is corrupted or was "
+                    "not written by GeoLoRA."
+                )
+
+
 def _recreate_factors(module: GeoLoRALayer, adapter_name: str, k: int) -> None:
     for kind in _FACTOR_NAMES:
         params = getattr(module, kind)
@@ -214,4 +275,4 @@ def is_geolora_layer(module: nn.Module) -> bool:
     return isinstance(module, GeoLoRALayer)
 
 
-__all__ = ["GeoLoRAModel", "get_ranks", "iter_geolora_layers", "BaseTunerLayer"]
+__all__ = ["GeoLoRAModel", "check_saved_adapter", "get_ranks", "iter_geolora_layers", "BaseTunerLayer"]
