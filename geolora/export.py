@@ -44,7 +44,15 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save
 
-    config = peft_model.peft_config[adapter_name]
+    configs = getattr(peft_model, "peft_config", None)
+    if not isinstance(configs, dict):
+        raise ValueError(
+            f"export_as_lora: {type(peft_model).__name__} has no PEFT adapters (peft_config); after merge_and_unload() "
+            "the adapter is part of the base weights and there is nothing to export. Pass the PeftModel."
+        )
+    if adapter_name not in configs:
+        raise ValueError(f"export_as_lora: no adapter named '{adapter_name}' (adapters: {sorted(configs)})")
+    config = configs[adapter_name]
     layers = {}
     for name, module in peft_model.named_modules():
         if isinstance(module, GeoLoRALayer) and adapter_name in module.geolora_U:
