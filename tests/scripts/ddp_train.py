@@ -1,5 +1,6 @@
 """Run under torchrun --nproc_per_node 2 (gloo, CPU). Mode 'driver': accelerate loop with create_geolora_optimizer.
-Mode 'trainer': stock Trainer with GeoLoRACallback. Mode 'nan': rank 1 sees a NaN gradient once.
+Mode 'trainer': stock Trainer with GeoLoRACallback. Mode 'nan': rank 1 alone sees a NaN
+gradient once, after the all-reduce.
 Each process writes its final ranks and merged weights to OUT/rank{R}.pt."""
 
 import os
@@ -56,7 +57,10 @@ if mode in ("driver", "nan"):
                 loss = model(input_ids=x, labels=y).loss
                 acc.backward(loss)
                 micro += 1
-                if mode == "nan" and micro == 3 and acc.process_index == 1:
+                if mode == "nan" and micro == 4 and acc.process_index == 1:
+                    # micro-batch 4 is a sync step: DDP has already all-reduced the gradients, so only THIS process
+                    # sees the NaN; the processes must still agree to skip (optim._agree_across_processes)
+                    assert acc.sync_gradients
                     for n, p in model.named_parameters():
                         if "geolora_U" in n and p.grad is not None:
                             p.grad.fill_(float("nan"))
@@ -68,6 +72,7 @@ if mode in ("driver", "nan"):
     # 64 samples / 2 processes / batch 8 = 4 micro-batches per epoch -> 2 optimizer steps per epoch
     expected = 4 - (1 if mode == "nan" else 0)
     assert inner.num_steps == expected, inner.num_steps
+    assert inner.skipped_steps == (1 if mode == "nan" else 0), inner.skipped_steps
     dump(acc.unwrap_model(model), acc.process_index)
 else:
     import datasets
