@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from . import integrator as I
 from .layer import GeoLoRALayer
@@ -56,6 +57,8 @@ class _LayerGroup:
     r_max: int
     cap: int
     cost: int  # parameters per unit of rank (for a parameter budget)
+    # the param groups holding the layers' S (for λ and weight decay): one dict when all share it (the usual case)
+    owners: list[dict] | None = None
 
 
 def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
@@ -134,8 +137,9 @@ def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
 class GeoLoRAOptimizer(torch.optim.Optimizer):
     """Wraps a torch optimizer: it steps the non-GeoLoRA trainables, then augments and truncates every GeoLoRA layer
     once.  ``param_groups``, ``state``, ``state_dict`` and ``load_state_dict`` are the wrapped optimizer's (GeoLoRA's
-    own per-layer state, the Adam moments of S, lives in ``state[S]`` under ``geolora_*`` keys, so checkpoints
-    round-trip through any code that saves the optimizer).
+    own state, the Adam moments of S, lives in ``state[S]`` of the first layer of each group of same-shape layers,
+    stacked ``(B, c, c)`` under ``geolora_*`` keys, so checkpoints round-trip through any code that saves the
+    optimizer).
 
     Args:
         base_optimizer: a torch optimizer whose param groups contain the GeoLoRA factors (and any other trainables).
@@ -298,15 +302,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return loss
 
     def _stash_grads(self):
+        """Take the GeoLoRA directions out of ``.grad`` (so the wrapped optimizer skips U, S, V)."""
         stash = []
         for g in self._groups:
-            entry = []
+            entry = ([p.grad for p in g.U], [p.grad for p in g.S], [p.grad for p in g.V])
             for plist in (g.U, g.S, g.V):
-                grads = []
                 for p in plist:
-                    grads.append(p.grad)
                     p.grad = None
-                entry.append(grads)
             stash.append(entry)
         return stash
 
@@ -317,55 +319,64 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                     p.grad = gr
 
     def _geolora_step(self) -> None:
+        # Host synchronisations: exactly one per step (``flat.tolist()`` below).  Everything else stays on the
+        # device: ranks come from the rank buffers, λ from host floats, the new ranks' width from the host mirror.
         st = self.settings
-        stash = self._stash_grads()
-        # every gradient the step reads or the wrapped optimizer will apply
-        other_grads = [p.grad for pg in self.base_optimizer.param_groups for p in pg["params"] if p.grad is not None]
-        geo_grads = [gr for entry in stash for grads in entry for gr in grads if gr is not None]
-        all_grads = other_grads + geo_grads
-        device = self._groups[0].U[0].device if self._groups else None
-        if all_grads:
-            norms = torch._foreach_norm(all_grads)
-            nonfinite = ~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()
-        else:
-            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        with record_function("geolora::check_finite"):
+            stash = self._stash_grads()
+            # every gradient the step reads or the wrapped optimizer will apply
+            pgs = self.base_optimizer.param_groups
+            other_grads = [p.grad for pg in pgs for p in pg["params"] if p.grad is not None]
+            geo_grads = [gr for entry in stash for grads in entry for gr in grads if gr is not None]
+            all_grads = other_grads + geo_grads
+            device = self._groups[0].U[0].device if self._groups else None
+            if all_grads:
+                norms = torch._foreach_norm(all_grads)
+                nonfinite = ~torch.isfinite(torch.stack([n.to(device) for n in norms])).all()
+            else:
+                nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
         work = []
         for g, (gU, gS, gV) in zip(self._groups, stash):
             work.append(self._augment_group(g, gU, gS, gV))
 
-        ranks_local = [w["ranks"] for w in work]
-        if st["rank_budget"] is not None and work:
-            costs = [torch.tensor(1 if st["budget_type"] == "rank" else g.cost, device=device) for g in self._groups]
-            ranks_local = I.budget_truncation_ranks(
-                [w["sigma"] for w in work], costs, float(st["rank_budget"]),
-                [torch.tensor(g.r_min, device=device) for g in self._groups],
-                [torch.tensor(min(g.r_max, g.cap), device=device) for g in self._groups],
-            )
-        sizes = [len(g.layers) for g in self._groups]
-        flat = torch.cat([nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local])
-        flat = _agree_across_processes(flat)
-        host = flat.tolist()  # the one host synchronisation of the step
+        with record_function("geolora::rank_decision"):
+            ranks_local = [w["ranks"] for w in work]
+            if st["rank_budget"] is not None and work:
+                full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
+                costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
+                ranks_local = I.budget_truncation_ranks(
+                    [w["sigma"] for w in work], costs, float(st["rank_budget"]),
+                    [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
+                )
+            sizes = [len(g.layers) for g in self._groups]
+            flat = torch.cat([nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local])
+            flat = _agree_across_processes(flat)
+            host = flat.tolist()  # the one host synchronisation of the step
         if host[0]:
             self._restore_grads(stash)
             self._on_skip()
             return
         agreed = torch.split(flat[1:], sizes)
-        self.base_optimizer.step()
+        with record_function("geolora::wrapped_step"):
+            self.base_optimizer.step()
         do_reortho = st["reorthonormalize_every"] and (self.num_steps + 1) % st["reorthonormalize_every"] == 0
         offset = 1
-        for g, w, r_new in zip(self._groups, work, agreed):
-            self._write_group(g, w, r_new, do_reortho)
-            for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
-                layer.r[self.adapter_name] = k
-            offset += len(g.layers)
-            self.truncations += len(g.layers)
+        with record_function("geolora::write"):
+            a = self.adapter_name
+            for g, w, r_new in zip(self._groups, work, agreed):
+                self._write_group(g, w, r_new, do_reortho)
+                for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
+                    layer.r[a] = k
+                offset += len(g.layers)
+                self.truncations += len(g.layers)
         self.num_steps += 1
         if st["sync_factors_every"] and self.num_steps % st["sync_factors_every"] == 0:
-            broadcast_factors(self.geolora_parameters(), [b for g in self._groups for b in g.rank_buffers])
-            for g in self._groups:
-                for layer, buf in zip(g.layers, g.rank_buffers):
-                    layer.r[self.adapter_name] = int(buf)
+            buffers = [b for g in self._groups for b in g.rank_buffers]
+            broadcast_factors(self.geolora_parameters(), buffers)
+            layers = [layer for g in self._groups for layer in g.layers]
+            for layer, k in zip(layers, torch.stack(buffers).tolist()):  # one sync, only on broadcast steps
+                layer.r[self.adapter_name] = k
         self._restore_grads(stash)
 
     def _on_skip(self) -> None:
@@ -382,39 +393,87 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         else:
             self._suppressed += 1
 
-    def _lrs(self, g: _LayerGroup, device) -> tuple[torch.Tensor, torch.Tensor]:
-        pgs = [self._param_to_group[id(p)] for p in g.S]
-        lr = torch.tensor([float(pg["lr"]) for pg in pgs], dtype=torch.float64, device=device)
-        wd = torch.tensor([float(pg.get("weight_decay", 0.0)) for pg in pgs], dtype=torch.float64, device=device)
-        return lr, wd
+    def _lrs(self, g: _LayerGroup, device, dtype) -> tuple[Any, Any]:
+        """λ and weight decay of the group's layers: Python floats when one param group holds all their S (no
+        device tensor, no host-to-device copy), else (B, 1, 1) tensors."""
+        if g.owners is None:
+            g.owners = [self._param_to_group[id(p)] for p in g.S]
+            if all(pg is g.owners[0] for pg in g.owners):
+                g.owners = g.owners[:1]
+        if len(g.owners) == 1:
+            pg = g.owners[0]
+            return float(pg["lr"]), float(pg.get("weight_decay", 0.0))
+        vals = torch.tensor([[float(pg["lr"]), float(pg.get("weight_decay", 0.0))] for pg in g.owners], dtype=dtype)
+        if device.type == "cuda":
+            vals = vals.pin_memory().to(device, non_blocking=True)  # no stream synchronisation
+        else:
+            vals = vals.to(device)
+        return vals[:, 0, None, None], vals[:, 1, None, None]
 
     def _augment_group(self, g: _LayerGroup, gU, gS, gV) -> dict:
+        """QR of the augmented bases, the augmented coefficients and their SVD for one group.
+
+        Works at width ``ρ`` = the largest live rank in the group (host mirror, no sync) instead of the capacity:
+        columns beyond a layer's rank are zero and the augmented matrix has rank <= 2r, so the QR (m x 2ρ instead of
+        m x 2c) and the SVD (2ρ x 2ρ instead of 2c x 2c) give the same step at a fraction of the cost."""
         st = self.settings
-        U = torch.stack([p.detach() for p in g.U])  # (B, m, c)
-        V = torch.stack([p.detach() for p in g.V])  # (B, n, c)
-        S = torch.stack([p.detach() for p in g.S])  # (B, c, c)
-        K = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gU, g.U)])
-        L = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gV, g.V)])
-        GS = torch.stack([gr if gr is not None else torch.zeros_like(p) for gr, p in zip(gS, g.S)])
-        device = U.device
-        ranks = torch.tensor([layer.r[self.adapter_name] for layer in g.layers], dtype=torch.int64, device=device)
-        Ub = I.augment_basis(U, K, ranks)
-        Vb = I.augment_basis(V, L, ranks)
-        G_aug = I.augmented_gradient(GS, K, L, Ub, Vb)  # (B, kU, kV)
-        lr, wd = self._lrs(g, device)
-        lr = lr.to(G_aug.dtype)
-        out = {"Ub": Ub, "Vb": Vb, "ranks_old": ranks}
-        if st["s_update"] == "sgd":
-            S_aug = I.augmented_coefficients(S, G_aug, lr)
-        else:
-            S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd.to(G_aug.dtype))
-            out["moments"] = moments
-        # a non-finite gradient makes the whole step a no-op below; keep the SVD itself from raising
-        S_aug = torch.nan_to_num(S_aug, nan=0.0, posinf=0.0, neginf=0.0)
-        P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
+        a = self.adapter_name
+        rho = max(layer.r[a] for layer in g.layers)
+        with record_function("geolora::stack"):
+            U = torch.stack([p.detach()[:, :rho] for p in g.U])  # (B, m, ρ)
+            V = torch.stack([p.detach()[:, :rho] for p in g.V])  # (B, n, ρ)
+            S = torch.stack([p.detach()[:rho, :rho] for p in g.S])  # (B, ρ, ρ)
+            K = torch.stack([gr[:, :rho] if gr is not None else torch.zeros_like(p[:, :rho]) for gr, p in zip(gU, g.U)])
+            L = torch.stack([gr[:, :rho] if gr is not None else torch.zeros_like(p[:, :rho]) for gr, p in zip(gV, g.V)])
+            GS = torch.stack([gr[:rho, :rho] if gr is not None else torch.zeros_like(p[:rho, :rho])
+                              for gr, p in zip(gS, g.S)])
+            ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,) no host copy
+        with record_function("geolora::qr"):
+            Ub = I.augment_basis(U, K, ranks)
+            Vb = I.augment_basis(V, L, ranks)
+        with record_function("geolora::coefficients"):
+            G_aug = I.augmented_gradient(GS, K, L, Ub, Vb)  # (B, kU, kV)
+            lr, wd = self._lrs(g, U.device, G_aug.dtype)
+            out = {"Ub": Ub, "Vb": Vb, "ranks_old": ranks}
+            if st["s_update"] == "sgd":
+                kU, kV = G_aug.shape[-2:]
+                S_aug = I.pad_coefficients(S, kU, kV) - lr * G_aug
+            else:
+                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd)
+                out["moments"] = moments
+            # a non-finite gradient makes the whole step a no-op below; keep the SVD itself from raising
+            S_aug = torch.nan_to_num(S_aug, nan=0.0, posinf=0.0, neginf=0.0)
+        with record_function("geolora::svd"):
+            P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
         out.update(P=P, sigma=sigma, Qh=Qh)
         out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap))
         return out
+
+    # Adam moments of S: ONE stacked tensor per group, (B, c, c), in the optimizer state of the group's first S
+    # (keys geolora_exp_avg / geolora_exp_avg_sq, and "step" (B,) because AdamW.__setstate__ expects "step" in
+    # any non-empty state).  Checkpoints written with one moment per layer are read too.
+    def _load_moments(self, g: _LayerGroup, dtype, device):
+        B, c = len(g.S), g.cap
+        s0 = self.base_optimizer.state[g.S[0]]
+        m = s0.get("geolora_exp_avg")
+        if m is not None and m.dim() == 3 and tuple(m.shape) == (B, c, c):
+            t = s0["step"]
+            return m.to(device, dtype), s0["geolora_exp_avg_sq"].to(device, dtype), t.to(device, dtype).reshape(B)
+        zeros = torch.zeros(B, c, c, dtype=dtype, device=device)
+        if m is None:
+            return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
+        if m.dim() == 2:  # legacy per-layer layout
+            states = [self.base_optimizer.state[p] for p in g.S]
+            get = lambda s, k: s[k].to(device, dtype) if k in s else torch.zeros(c, c, dtype=dtype, device=device)  # noqa: E731
+            m = torch.stack([get(s, "geolora_exp_avg") for s in states])
+            v = torch.stack([get(s, "geolora_exp_avg_sq") for s in states])
+            t = torch.stack([torch.as_tensor(s.get("step", 0.0), dtype=dtype).to(device).reshape(()) for s in states])
+            for p in g.S[1:]:
+                self.base_optimizer.state.pop(p, None)
+            return m, v, t
+        logger.warning("GeoLoRA: Adam moments of shape %s do not fit group (%d, %d, %d); restarting them.",
+                       tuple(m.shape), B, c, c)
+        return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
 
     def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd):
         """Adam on S in the augmented coordinates.  Moments live in the (U, V) coordinates of the current basis;
@@ -423,42 +482,34 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         beta1, beta2 = self.settings["adam_betas"]
         eps = self.settings["adam_eps"]
         kU, kV = G_aug.shape[-2:]
-        state = [self.base_optimizer.state[p] for p in g.S]
-        zeros = lambda p: torch.zeros_like(p, dtype=G_aug.dtype)  # noqa: E731
-        m = torch.stack([s.get("geolora_exp_avg", zeros(p)).to(G_aug.dtype) for s, p in zip(state, g.S)])
-        v = torch.stack([s.get("geolora_exp_avg_sq", zeros(p)).to(G_aug.dtype) for s, p in zip(state, g.S)])
-        t = torch.tensor([float(s.get("step", 0.0)) for s in state], dtype=G_aug.dtype, device=G_aug.device)
+        m, v, t = self._load_moments(g, G_aug.dtype, G_aug.device)
         t = t + 1
         old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
-        m = torch.where(old, I._fit(m, kU, kV), G_aug)
-        v = torch.where(old, I._fit(v, kU, kV), G_aug * G_aug)
-        m = beta1 * m + (1 - beta1) * G_aug
-        v = beta2 * v + (1 - beta2) * G_aug * G_aug
+        G2 = G_aug * G_aug
+        m = torch.where(old, I._fit(m, kU, kV), G_aug).lerp_(G_aug, 1 - beta1)  # β1 m + (1 - β1) g
+        v = torch.where(old, I._fit(v, kU, kV), G2).mul_(beta2).add_(G2, alpha=1 - beta2)
         bc1 = (1 - beta1**t)[:, None, None]
         bc2 = (1 - beta2**t)[:, None, None]
-        direction = (m / bc1) / ((v / bc2).sqrt() + eps)
-        S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)[:, None, None]
-        return S_pad - lr[:, None, None] * direction, (m, v, t)
+        direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
+        S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
+        return S_pad - lr * direction, (m, v, t)
 
     def _write_group(self, g: _LayerGroup, w: dict, ranks: torch.Tensor, reortho: bool) -> None:
         tr = I.truncate(w["Ub"].basis, w["Vb"].basis, w["P"], w["sigma"], w["Qh"], ranks, g.cap)
         U_new, S_new, V_new = tr.U, tr.S, tr.V
         if reortho:
             U_new, S_new, V_new = I.reorthonormalize(U_new, S_new, V_new, ranks)
-        torch._foreach_copy_(g.U, [u.to(p.dtype) for u, p in zip(U_new.unbind(0), g.U)])
-        torch._foreach_copy_(g.S, [s.to(p.dtype) for s, p in zip(S_new.unbind(0), g.S)])
-        torch._foreach_copy_(g.V, [v.to(p.dtype) for v, p in zip(V_new.unbind(0), g.V)])
+        torch._foreach_copy_(g.U, list(U_new.to(g.U[0].dtype).unbind(0)))
+        torch._foreach_copy_(g.S, list(S_new.to(g.S[0].dtype).unbind(0)))
+        torch._foreach_copy_(g.V, list(V_new.to(g.V[0].dtype).unbind(0)))
         torch._foreach_copy_(g.rank_buffers, list(ranks.unbind(0)))
         if "moments" in w:
             m, v, t = w["moments"]
             Pk, Qk = tr.P, tr.Q  # (B, kU, c), (B, kV, c)
-            m_new = Pk.transpose(1, 2) @ m @ Qk  # (B, c, c)
-            v_new = (Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)
-            for i, p in enumerate(g.S):
-                s = self.base_optimizer.state[p]
-                s["geolora_exp_avg"] = m_new[i].to(torch.float32)
-                s["geolora_exp_avg_sq"] = v_new[i].to(torch.float32)
-                s["step"] = t[i].to(torch.float32)  # AdamW.__setstate__ expects "step" in any non-empty state
+            s0 = self.base_optimizer.state[g.S[0]]
+            s0["geolora_exp_avg"] = (Pk.transpose(1, 2) @ m @ Qk).to(torch.float32)  # (B, c, c)
+            s0["geolora_exp_avg_sq"] = ((Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)).to(torch.float32)
+            s0["step"] = t.to(torch.float32)  # (B,); AdamW.__setstate__ expects "step" in any non-empty state
 
 
 def _agree_across_processes(flat: torch.Tensor) -> torch.Tensor:
