@@ -476,20 +476,30 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
 
     def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd):
-        """Adam on S in the augmented coordinates.  Moments live in the (U, V) coordinates of the current basis;
-        entries of new directions start at the current gradient (m = g, v = g²); after truncation the moments are
-        rotated into the new basis (m <- P^T m Q, v <- (P∘P)^T v (Q∘Q))."""
+        """Adam on S in the augmented coordinates.
+
+        Moments live in the (U, V) coordinates of the current basis.  Entries of the new directions (the blocks
+        ``U^T G Ṽ`` and ``Ũ^T G V``) have no history: they take one preconditioned step ``g / sqrt(v̄)`` with ``v̄``
+        the mean bias-corrected second moment of the layer's old block, so a new direction enters with a size that
+        reflects how strong its gradient is relative to the layer's usual gradients (plain Adam would give every new
+        entry the same size ``lr`` and make the truncation unable to tell strong directions from noise).  Their
+        moments start there (``m = g``, ``v = v̄``).  After truncation the moments are rotated into the new basis
+        (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank."""
         beta1, beta2 = self.settings["adam_betas"]
         eps = self.settings["adam_eps"]
         kU, kV = G_aug.shape[-2:]
         m, v, t = self._load_moments(g, G_aug.dtype, G_aug.device)
         t = t + 1
         old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
-        G2 = G_aug * G_aug
-        m = torch.where(old, I._fit(m, kU, kV), G_aug).lerp_(G_aug, 1 - beta1)  # β1 m + (1 - β1) g
-        v = torch.where(old, I._fit(v, kU, kV), G2).mul_(beta2).add_(G2, alpha=1 - beta2)
+        zero = G_aug.new_zeros(())
         bc1 = (1 - beta1**t)[:, None, None]
         bc2 = (1 - beta2**t)[:, None, None]
+        m = torch.where(old, I._fit(m, kU, kV), zero).lerp_(G_aug, 1 - beta1)  # β1 m + (1 - β1) g on the old block
+        v = torch.where(old, I._fit(v, kU, kV), zero).mul_(beta2).add_(G_aug * G_aug, alpha=1 - beta2)
+        oldf = old.to(G_aug.dtype)
+        v_bar = (v * oldf).sum((-2, -1), keepdim=True) / oldf.sum((-2, -1), keepdim=True).clamp_min(1.0)
+        m = torch.where(old, m, G_aug * bc1)  # new entries: m̂ = g
+        v = torch.where(old, v, v_bar.expand_as(v))  # new entries: v̂ = v̄ (the layer's typical scale)
         direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
         S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
         return S_pad - lr * direction, (m, v, t)
