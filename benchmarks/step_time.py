@@ -53,6 +53,9 @@ import geolora  # noqa: E402
 
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(kind="bert-config", batch=2, seq=8, r=2, r_max=4, gpu_only=False,  # smoke test of the script
+                 config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             vocab_size=100), targets=BERT_TARGETS, task="SEQ_CLS"),
     "bert-small": dict(kind="bert-config", batch=16, seq=64, r=8, r_max=16, gpu_only=False,
                        config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                                    intermediate_size=1024), targets=BERT_TARGETS, task="SEQ_CLS"),
