@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA:")
     phases = ["forward", "backward", "optimizer", "allocate", "wrapped", "geolora", "total", "cpu_forward",
               "cpu_backward", "cpu_optimizer", "cpu_total"]
-    print(f"{'method':16s}" + "".join(f"{ph.replace('cpu_', 'cpu-'):>10.10s}" for ph in phases) + f"{'x LoRA':>9s}{'x round':>9s}{'x cpu':>9s}")
+    header = "".join(f"{ph.replace('cpu_', 'c-'):>10.10s}" for ph in phases)
+    print(f"{'method':16s}" + header + f"{'x LoRA':>9s}{'x round':>9s}{'x cpu':>9s}")
     for m in methods:
         med = t[m]["median_ms"]
         print(f"{m:16s}" + "".join(f"{med[ph]:10.1f}" if ph in med else f"{'':>10s}" for ph in phases)

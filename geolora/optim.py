@@ -420,13 +420,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         a = self.adapter_name
         rho = max(layer.r[a] for layer in g.layers)
         with record_function("geolora::stack"):
-            U = torch.stack([p.detach()[:, :rho] for p in g.U])  # (B, m, ρ)
-            V = torch.stack([p.detach()[:, :rho] for p in g.V])  # (B, n, ρ)
-            S = torch.stack([p.detach()[:rho, :rho] for p in g.S])  # (B, ρ, ρ)
-            K = torch.stack([gr[:, :rho] if gr is not None else torch.zeros_like(p[:, :rho]) for gr, p in zip(gU, g.U)])
-            L = torch.stack([gr[:, :rho] if gr is not None else torch.zeros_like(p[:, :rho]) for gr, p in zip(gV, g.V)])
-            GS = torch.stack([gr[:rho, :rho] if gr is not None else torch.zeros_like(p[:rho, :rho])
-                              for gr, p in zip(gS, g.S)])
+            # one stack per factor (under no_grad, no per-layer detach/slice ops), then one slice to the width ρ
+            U = torch.stack(g.U)[..., :rho]  # (B, m, ρ)
+            V = torch.stack(g.V)[..., :rho]  # (B, n, ρ)
+            S = torch.stack(g.S)[..., :rho, :rho]  # (B, ρ, ρ)
+            K = torch.stack(_or_zeros(gU, g.U))[..., :rho]  # (B, m, ρ)
+            L = torch.stack(_or_zeros(gV, g.V))[..., :rho]  # (B, n, ρ)
+            GS = torch.stack(_or_zeros(gS, g.S))[..., :rho, :rho]  # (B, ρ, ρ)
             ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,) no host copy
         with record_function("geolora::qr"):
             Ub = I.augment_basis(U, K, ranks)
@@ -520,6 +520,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             s0["geolora_exp_avg"] = (Pk.transpose(1, 2) @ m @ Qk).to(torch.float32)  # (B, c, c)
             s0["geolora_exp_avg_sq"] = ((Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)).to(torch.float32)
             s0["step"] = t.to(torch.float32)  # (B,); AdamW.__setstate__ expects "step" in any non-empty state
+
+
+def _or_zeros(grads: list, params: list) -> list:
+    """The gradients, with zeros for a layer that got none (e.g. not reached by this batch)."""
+    if all(gr is not None for gr in grads):
+        return grads
+    return [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
 
 
 def _agree_across_processes(flat: torch.Tensor) -> torch.Tensor:
