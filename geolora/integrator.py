@@ -149,9 +149,14 @@ def truncation_rank(
     Vectorised over the batch: tail norms by a reversed cumulative sum, no host synchronisation.
     ``sigma``: (B, K) non-negative, non-increasing.  Returns (B,) int64.
     """
-    sq = sigma.to(compute_dtype(sigma.dtype)) ** 2
+    dt = compute_dtype(sigma.dtype)
+    sigma = sigma.to(dt)
+    # the rule is scale invariant: normalise by σ_0 so squaring cannot overflow (huge λ) or underflow
+    sq = (sigma / sigma[..., :1].clamp_min(torch.finfo(dt).tiny)) ** 2
     tail = torch.flip(torch.cumsum(torch.flip(sq, [-1]), -1), [-1])  # tail[k] = sum_{j>=k} σ_j²
-    threshold = (tau * tau) * tail[..., :1]
+    # numerically-zero values (rounding noise of the SVD) never count as rank, even with τ = 0
+    floor = (sigma.shape[-1] * torch.finfo(dt).eps) ** 2
+    threshold = max(tau * tau, floor) * tail[..., :1]
     ranks = (tail > threshold).sum(-1)
     hi = torch.as_tensor(r_max, device=sigma.device).clamp(max=sigma.shape[-1])
     lo = torch.as_tensor(r_min, device=sigma.device)

@@ -341,6 +341,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             work.append(self._augment_group(g, gU, gS, gV))
 
         with record_function("geolora::rank_decision"):
+            for w in work:
+                nonfinite = nonfinite | w["nonfinite"]
             ranks_local = [w["ranks"] for w in work]
             if st["rank_budget"] is not None and work:
                 full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
@@ -441,7 +443,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             else:
                 S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd)
                 out["moments"] = moments
-            # a non-finite gradient makes the whole step a no-op below; keep the SVD itself from raising
+            # lr * G can overflow from finite gradients: that must skip the step too, not pass silently as zeros
+            out["nonfinite"] = ~torch.isfinite(S_aug).all()
+            # a non-finite step is a no-op below; keep the SVD itself from raising
             S_aug = torch.nan_to_num(S_aug, nan=0.0, posinf=0.0, neginf=0.0)
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)

@@ -328,3 +328,26 @@ def test_global_rank_budget():
         opt.step()
         opt.zero_grad()
         assert sum(geolora.get_ranks(model).values()) <= 5
+
+
+def test_lr_overflow_from_finite_gradients_skips_the_step():
+    """λ·G overflowing to inf (finite gradients, absurd λ) skips the step instead of silently zeroing it."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update="sgd"))
+    opt = geolora.create_geolora_optimizer(model, lr=3e38)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    (model(torch.randn(8, 10)) * 1e3).sum().backward()
+    opt.step()
+    assert opt.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_truncation_rank_is_scale_invariant_and_ignores_rounding_noise():
+    from geolora.integrator import truncation_rank
+
+    sigma = torch.tensor([[3.0, 2.0, 1.0, 0.5]])
+    for scale in (1e-30, 1.0, 1e25):
+        assert truncation_rank(sigma * scale, 0.2, 1, 4).item() == truncation_rank(sigma, 0.2, 1, 4).item()
+    noisy = torch.tensor([[1.0, 1.0, 1e-9, 1e-12]])
+    assert truncation_rank(noisy, 0.0, 1, 4).item() == 2  # τ = 0 keeps real directions, not SVD rounding noise
