@@ -142,12 +142,18 @@ def augmented_coefficients(S: torch.Tensor, G_aug: torch.Tensor, lr: torch.Tenso
 
 
 def truncation_rank(
-    sigma: torch.Tensor, tau: float, r_min: int | torch.Tensor, r_max: int | torch.Tensor
+    sigma: torch.Tensor,
+    tau: float,
+    r_min: int | torch.Tensor,
+    r_max: int | torch.Tensor,
+    current: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Smallest k with ``||σ[k:]||_2 <= τ ||σ||_2``, clamped to ``[r_min, min(r_max, len(σ))]``.
 
     Vectorised over the batch: tail norms by a reversed cumulative sum, no host synchronisation.
-    ``sigma``: (B, K) non-negative, non-increasing.  Returns (B,) int64.
+    ``sigma``: (B, K) non-negative, non-increasing.  Returns (B,) int64.  Where all of σ is zero (S = 0 and a zero
+    step, e.g. the first step of a linear warm-up with lr = 0) there is nothing to rank: the item keeps ``current``
+    (its rank before the step) if given, instead of collapsing to ``r_min``.
     """
     dt = compute_dtype(sigma.dtype)
     sigma = sigma.to(dt)
@@ -158,6 +164,8 @@ def truncation_rank(
     floor = (sigma.shape[-1] * torch.finfo(dt).eps) ** 2
     threshold = max(tau * tau, floor) * tail[..., :1]
     ranks = (tail > threshold).sum(-1)
+    if current is not None:
+        ranks = torch.where(sigma[..., 0] > 0, ranks, current.to(ranks.dtype))
     hi = torch.as_tensor(r_max, device=sigma.device).clamp(max=sigma.shape[-1])
     lo = torch.as_tensor(r_min, device=sigma.device)
     return torch.maximum(torch.minimum(ranks, hi), torch.minimum(lo, hi)).to(torch.int64)

@@ -450,7 +450,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
         out.update(P=P, sigma=sigma, Qh=Qh)
-        out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap))
+        out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap), current=ranks)
         return out
 
     # Adam moments of S: ONE stacked tensor per group, (B, c, c), in the optimizer state of the group's first S

@@ -351,3 +351,16 @@ def test_truncation_rank_is_scale_invariant_and_ignores_rounding_noise():
         assert truncation_rank(sigma * scale, 0.2, 1, 4).item() == truncation_rank(sigma, 0.2, 1, 4).item()
     noisy = torch.tensor([[1.0, 1.0, 1e-9, 1e-12]])
     assert truncation_rank(noisy, 0.0, 1, 4).item() == 2  # τ = 0 keeps real directions, not SVD rounding noise
+
+
+def test_zero_first_step_keeps_ranks():
+    """A linear warm-up starts at lr = 0 while S = 0: S_aug is all zero and must not collapse every rank to r_min."""
+    torch.manual_seed(0)
+    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"]))
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, step / 5))
+    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()
+    sched.step()
+    assert set(geolora.get_ranks(model).values()) == {4}

@@ -11,7 +11,7 @@ Defined results of degenerate inputs (GeoLoRAOptimizer.step, checked below):
   orthonormal and carry zero coefficients; the rank grows by at most rank(G_M); the result equals the float64
   reference of Algorithm 1.
 * a layer never called in forward (no .grad): treated as a zero gradient.
-* all singular values zero (S = 0, G = 0): rank r_min, bases orthonormal, S = 0.
+* all singular values zero (S = 0, G = 0): the rank is kept, bases orthonormal, S = 0.
 * r_min = r_max: the rank is fixed.  Capacity reached: the rank is capped at min(r_max, in, out).
 * tiny lr: M changes by ~lr * ||G|| (nothing underflows to NaN).  Huge lr: S becomes huge but finite; once the model's
   loss or gradients overflow, every later step is skipped as non-finite; bases stay orthonormal, ranks in bounds.
@@ -299,7 +299,7 @@ def test_layer_never_called_is_a_zero_gradient(s_update):
         opt.step()
         opt.zero_grad()
     unused = _layers(model)["unused"]
-    assert unused.r["default"] == 2  # S = 0 and G = 0: all singular values zero -> r_min
+    assert unused.r["default"] == 3  # S = 0 and G = 0: all singular values zero -> the rank is kept
     assert unused.geolora_S["default"].abs().sum() == 0
     assert opt.num_steps == 3 and opt.skipped_steps == 0
     _check_invariants(model)
@@ -309,8 +309,8 @@ def test_all_singular_values_zero_or_denormal():
     model, layer = _one(r=3, r_min=2, init_weights=True, dtype=torch.float32)
     opt = geolora.create_geolora_optimizer(model, lr=0.1)
     (0.0 * model(torch.randn(2, 10)).sum()).backward()
-    opt.step()  # S = 0, G = 0
-    assert layer.r["default"] == 2
+    opt.step()  # S = 0, G = 0: nothing to rank, the rank is kept
+    assert layer.r["default"] == 3
     _check_invariants(model)
     with torch.no_grad():
         layer.geolora_S["default"][:2, :2] = torch.diag(torch.tensor([1e-41, 1e-44]))  # fp32 denormals
