@@ -483,11 +483,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """Adam on S in the augmented coordinates.
 
         Moments live in the (U, V) coordinates of the current basis.  Entries of the new directions (the blocks
-        ``U^T G Ṽ`` and ``Ũ^T G V``) have no history: they take one preconditioned step ``g / sqrt(v̄)`` with ``v̄``
-        the mean bias-corrected second moment of the layer's old block, so a new direction enters with a size that
-        reflects how strong its gradient is relative to the layer's usual gradients (plain Adam would give every new
-        entry the same size ``lr`` and make the truncation unable to tell strong directions from noise).  Their
-        moments start there (``m = g``, ``v = v̄``).  After truncation the moments are rotated into the new basis
+        ``U^T G Ṽ`` and ``Ũ^T G V``) have no history: they take one preconditioned step ``g / sqrt(max(v̄, g²))`` with
+        ``v̄`` the mean bias-corrected second moment of the layer's old block, so a new direction enters with a size
+        that reflects how strong its gradient is relative to the layer's usual gradients, capped at Adam's unit step
+        (plain Adam would give every new entry the same size ``lr`` and make the truncation unable to tell strong
+        directions from noise).  Their moments start there (``m = g``, ``v = max(v̄, g²)``).  After truncation the moments are rotated into the new basis
         (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank."""
         beta1, beta2 = self.settings["adam_betas"]
         eps = self.settings["adam_eps"]
@@ -503,7 +503,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         oldf = old.to(G_aug.dtype)
         v_bar = (v * oldf).sum((-2, -1), keepdim=True) / oldf.sum((-2, -1), keepdim=True).clamp_min(1.0)
         m = torch.where(old, m, G_aug * bc1)  # new entries: m̂ = g
-        v = torch.where(old, v, v_bar.expand_as(v))  # new entries: v̂ = v̄ (the layer's typical scale)
+        # new entries: v̂ = max(v̄, g²): a step g / sqrt(v̄) for directions weaker than the layer's typical gradient,
+        # capped at Adam's unit step for stronger ones (v̄ can be tiny right after S = 0)
+        v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
         direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
         S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
         return S_pad - lr * direction, (m, v, t)
