@@ -22,7 +22,6 @@ for the PEFT versions checked in PEFT-INTEGRATION.md (the same range :func:`regi
 
 from __future__ import annotations
 
-import enum
 import json
 import logging
 import os
@@ -182,10 +181,6 @@ def install_save_load_hooks() -> None:
         peft_model.load_peft_weights = load_peft_weights
     elif original_load is None:  # pragma: no cover
         logger.warning("geolora: peft.peft_model.load_peft_weights not found; saved adapters are not checked on load.")
-
-
-def is_enum_member(value: Any) -> bool:
-    return isinstance(value, enum.Enum) and value is PeftType._member_map_.get(GEOLORA_NAME.upper())
 
 
 def install_on_accelerated_optimizer(accelerated_optimizer: Any, new_inner: Any) -> None:

@@ -6,7 +6,7 @@ import logging
 from typing import Iterator
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
@@ -80,12 +80,6 @@ class GeoLoRAModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-
-    @staticmethod
-    def _check_target_module_exists(config, key):
-        from peft.tuners.tuners_utils import check_target_module_exists
-
-        return check_target_module_exists(config, key)
 
     # ------------------------------------------------------------------ save / load
     @classmethod
@@ -271,8 +265,5 @@ def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, in
     return ranks
 
 
-def is_geolora_layer(module: nn.Module) -> bool:
-    return isinstance(module, GeoLoRALayer)
 
-
-__all__ = ["GeoLoRAModel", "check_saved_adapter", "get_ranks", "iter_geolora_layers", "BaseTunerLayer"]
+__all__ = ["GeoLoRAModel", "check_saved_adapter", "get_ranks", "iter_geolora_layers"]

@@ -436,7 +436,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with record_function("geolora::coefficients"):
             G_aug = I.augmented_gradient(GS, K, L, Ub, Vb)  # (B, kU, kV)
             lr, wd = self._lrs(g, U.device, G_aug.dtype)
-            out = {"Ub": Ub, "Vb": Vb, "ranks_old": ranks}
+            out = {"Ub": Ub, "Vb": Vb}
             if st["s_update"] == "sgd":
                 kU, kV = G_aug.shape[-2:]
                 S_aug = I.pad_coefficients(S, kU, kV) - lr * G_aug
@@ -581,10 +581,11 @@ def create_geolora_optimizer(
         s_update: ``"adam"`` or ``"sgd"`` (default: the adapter config's ``s_update``).
         optimizer_kwargs: passed to ``optimizer_cls`` (e.g. ``weight_decay``, ``fused``).
     """
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr={lr!r} is invalid: expected a finite number >= 0")
-    if geolora_lr is not None and (not isinstance(geolora_lr, (int, float)) or not math.isfinite(geolora_lr) or geolora_lr < 0):
-        raise ValueError(f"geolora_lr={geolora_lr!r} is invalid: expected a finite number >= 0")
+    for name, value in (("lr", lr), ("geolora_lr", geolora_lr)):
+        if value is None and name == "geolora_lr":
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0")
     inner = _unwrap(model)
     grow_capacity(inner)
     geo_ids = set()
