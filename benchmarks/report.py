@@ -79,7 +79,10 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
     tasks = sorted({c["task"] for c in cells})
     methods = _methods(cells)
     lines = [f"### Suite `{suite}`", ""]
-    lines += ["Test metric (learning rate selected per seed on the validation split), mean ± std over seeds:", ""]
+    reused = any(c.get("lr_selected_on_seed", c["seed"]) != c["seed"] for c in cells)
+    how = ("learning rate selected per method on the first seed's validation split, reused for the other seeds"
+           if reused else "learning rate selected per seed on the validation split")
+    lines += [f"Test metric ({how}), mean ± std over seeds:", ""]
     lines += ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in tasks:
         metric = next(c["primary_metric"] for c in cells if c["task"] == task)
@@ -108,6 +111,23 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
                 f"{'n/a' if size is None else f'{size / 1024:.0f} KiB'} | {'n/a' if step is None else f'{step:.3f}'} | "
                 f"{_fmt_int(f('train_time_s'))} | {'n/a' if rss is None else f'{rss / 2**20:.0f}'} | {lrs} | {grid} |"
             )
+    lines.append("")
+    lines += ["Learning-rate grid: validation metric of every grid point (seed that ran the whole grid; `div` = "
+              "diverged, **bold** = selected):", ""]
+    lines += ["| task | method | seed | " + " | ".join(["lr: val"]) + " |", "|---|---|---|---|"]
+    for task in tasks:
+        metric = next(c["primary_metric"] for c in cells if c["task"] == task)
+        for m in methods:
+            for c in sorted(by[(task, m)], key=lambda c: c["seed"]):
+                if len(c["runs"]) < 2:
+                    continue
+                chosen = c["runs"][c["selected"][str(c["budgets"][0])]] if c.get("selected") else None
+                pts = []
+                for run in c["runs"]:
+                    v = "div" if run["diverged"] else f"{run['val'].get(metric, float('nan')):.3f}"
+                    txt = f"{run['lr']:g}: {v}"
+                    pts.append(f"**{txt}**" if run is chosen else txt)
+                lines.append(f"| {task} | {m} | {c['seed']} | {', '.join(pts)} |")
     lines.append("")
     lines += ["Final ranks (mean over layers and seeds; min-max over layers):", ""]
     lines += ["| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]

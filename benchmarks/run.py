@@ -440,6 +440,7 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
         "provenance": {
             **common, "task_source": prepared["source"], "split_sizes": prepared["sizes"],
             "pretrained_in_benchmark": prepared.get("pretrained_dir"),
+            "metric_sources": gdata.metric_sources(prepared["task"].metric_names),
             "settings": {k: cell[k] for k in ("hp", "model", "data")},
             "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         },
@@ -470,6 +471,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from tqdm.auto import tqdm
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if not args.verbose:  # one progress bar, not a model-loading report and deprecation notes per run
+        import warnings
+
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)
     cfg = load_preset(args.preset, args.config)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads or cfg.get("threads", 2))

@@ -563,8 +563,18 @@ def task_modality(task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- metrics
+_EVALUATE_NAMES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
+_REGRESSION = ("pearson", "spearmanr")
+
+
 def _offline_metric(name: str, predictions: np.ndarray, references: np.ndarray, average: str) -> dict[str, float]:
-    """scikit-learn / scipy versions of evaluate's metrics (same formulas, same numbers)."""
+    """scikit-learn / scipy versions of evaluate's metrics: same functions, and the same int32 / float32 casts that
+    evaluate's input features apply, so the same numbers (tests/test_data.py checks equality)."""
+    if name in _REGRESSION:  # float32 features, handed to scipy as Python (double) floats
+        predictions = np.asarray(predictions).astype(np.float32).astype(np.float64)
+        references = np.asarray(references).astype(np.float32).astype(np.float64)
+    else:
+        predictions, references = np.asarray(predictions).astype(np.int32), np.asarray(references).astype(np.int32)
     if name == "accuracy":
         from sklearn.metrics import accuracy_score
 
@@ -588,25 +598,43 @@ def _offline_metric(name: str, predictions: np.ndarray, references: np.ndarray, 
     raise ValueError(f"unknown metric '{name}'")
 
 
-_EVALUATE_NAMES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
-_evaluate_cache: dict[str, object] = {}
+_evaluate_cache: dict[str, tuple[object, str]] = {}
 
 
-def _evaluate_metric(name: str):
-    """``evaluate.load(name)`` once per process, or None when it cannot load (offline: its metrics are Hub scripts)."""
+def _evaluate_metric(name: str) -> tuple[object, str]:
+    """``(module, source)`` for a metric, loaded once per process: ``evaluate.load`` of the Hub script
+    (``source="hub"``); offline, evaluate with geolora's own module of the same name loaded by path
+    (``"geolora.metrics"``); without a working evaluate, ``(None, "sklearn")``."""
     if name not in _evaluate_cache:
+        key = _EVALUATE_NAMES.get(name, name)
         try:
             import evaluate
+        except ImportError:
+            _evaluate_cache[name] = (None, "sklearn")
+            return _evaluate_cache[name]
+        try:
+            _evaluate_cache[name] = (evaluate.load(key), "hub")
+        except Exception as e:  # evaluate fetches metric scripts from the Hub; offline -> our module by path
+            from geolora.metrics import module_path
 
-            _evaluate_cache[name] = evaluate.load(_EVALUATE_NAMES.get(name, name))
-        except Exception as e:  # evaluate fetches metric scripts from the Hub; any failure -> offline path
-            logger.info("evaluate.load(%r) unavailable (%s); using the scikit-learn/scipy equivalent", name, e)
-            _evaluate_cache[name] = None
+            logger.info("evaluate.load(%r) unavailable (%s); loading geolora's offline module", key, e)
+            try:
+                _evaluate_cache[name] = (evaluate.load(module_path(key)), "geolora.metrics")
+            except Exception as e2:
+                logger.warning("evaluate.load(%s) failed (%s); computing %s with scikit-learn/scipy",
+                               module_path(key), e2, name)
+                _evaluate_cache[name] = (None, "sklearn")
     return _evaluate_cache[name]
 
 
+def metric_sources(metric_names: Sequence[str]) -> dict[str, str]:
+    """Where each metric is computed: ``hub`` (evaluate's script), ``geolora.metrics`` or ``sklearn``."""
+    return {name: _evaluate_metric(name)[1] for name in metric_names}
+
+
 def compute_metrics(metric_names: Sequence[str], predictions, references, num_labels: int = 2) -> dict[str, float]:
-    """The task's metrics: ``evaluate.load`` when it can load, else scikit-learn/scipy (identical numbers).
+    """The task's metrics through ``evaluate`` (the Hub script, or offline geolora's module of the same name), or
+    scikit-learn/scipy when evaluate is unusable; every path gives identical numbers.
 
     ``f1`` is binary for two classes and macro-averaged otherwise.
     """
@@ -614,7 +642,7 @@ def compute_metrics(metric_names: Sequence[str], predictions, references, num_la
     average = "binary" if num_labels == 2 else "macro"
     out: dict[str, float] = {}
     for name in metric_names:
-        metric = _evaluate_metric(name)
+        metric, _ = _evaluate_metric(name)
         if metric is not None:
             kwargs = {"average": average} if name == "f1" else {}
             result = metric.compute(predictions=predictions, references=references, **kwargs)

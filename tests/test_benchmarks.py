@@ -59,6 +59,7 @@ def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
             assert key in cell, (path.name, key)
         prov = cell["provenance"]
         assert prov["git"]["revision"] and prov["versions"]["peft"] and prov["hardware"]["cpu_count"]
+        assert set(prov["metric_sources"].values()) <= {"hub", "geolora.metrics", "sklearn"}
         assert cell["adapter_file_bytes"] > 0 and cell["median_step_s"] > 0 and cell["peak_rss_bytes"] > 0
         run = cell["runs"][cell["selected"][str(cell["budgets"][0])]]
         traj = run["rank_trajectory"]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -174,15 +176,50 @@ def test_metrics_golden_values():
     assert macro["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("evaluate") is None, reason="evaluate not installed")
-def test_metrics_fall_back_offline_without_error(monkeypatch):
-    gd._evaluate_cache.clear()
+def _hub_unreachable(monkeypatch):
+    """evaluate.load as it behaves offline: Hub names fail, local module files load."""
     import evaluate
 
-    def offline(*a, **k):
-        raise FileNotFoundError("Couldn't find a module script")
+    real = evaluate.load
 
-    monkeypatch.setattr(evaluate, "load", offline)
-    assert gd.compute_metrics(("accuracy",), [1, 0], [1, 1]) == {"accuracy": 0.5}
-    assert gd._evaluate_cache["accuracy"] is None
+    def load(path, *a, **k):
+        if not str(path).endswith(".py"):
+            raise FileNotFoundError(f"Couldn't find a module script at {path}")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(evaluate, "load", load)
+
+
+def test_metrics_go_through_evaluate_offline_with_identical_numbers(monkeypatch):
+    """Offline, metrics go through evaluate with geolora's own modules (loaded by path); the scikit-learn/scipy path
+    gives exactly the same numbers on the same predictions, for every GLUE metric."""
     gd._evaluate_cache.clear()
+    _hub_unreachable(monkeypatch)
+    rng = np.random.default_rng(0)
+    cases = [
+        (("accuracy", "f1", "matthews_correlation"), rng.integers(0, 2, 300), rng.integers(0, 2, 300), 2),
+        (("accuracy", "f1"), rng.integers(0, 5, 300), rng.integers(0, 5, 300), 5),
+        (("pearson", "spearmanr"), rng.normal(size=300) * 2.5, rng.uniform(0, 5, 300), 1),
+    ]
+    try:
+        for names, preds, refs, n in cases:
+            via_evaluate = gd.compute_metrics(names, preds, refs, num_labels=n)
+            assert gd.metric_sources(names) == {name: "geolora.metrics" for name in names}
+            average = "binary" if n == 2 else "macro"
+            direct = {}
+            for name in names:
+                direct.update(gd._offline_metric(name, preds, refs, average))
+            assert via_evaluate == direct  # identical, not approximately equal
+            assert all(0 < abs(v) < 1 for v in direct.values()) or n == 1
+    finally:
+        gd._evaluate_cache.clear()
+
+
+def test_metrics_without_evaluate_use_sklearn(monkeypatch):
+    gd._evaluate_cache.clear()
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # import evaluate -> ImportError
+    try:
+        assert gd.compute_metrics(("accuracy",), [1, 0], [1, 1]) == {"accuracy": 0.5}
+        assert gd.metric_sources(("accuracy",)) == {"accuracy": "sklearn"}
+    finally:
+        gd._evaluate_cache.clear()
