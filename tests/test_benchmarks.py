@@ -263,3 +263,30 @@ def test_budget_rule_and_full_preset_plan():
     vit = [c for c in cells if c["suite"] == "vit"]
     assert {c["task"] for c in vit} == {"cifar10", "cifar100"}
     assert vit[0]["model"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+def test_runner_under_torchrun_two_processes(tmp_path):
+    """DDP with 2 CPU processes (gloo) through torchrun, the launcher `accelerate launch --multi_gpu` runs on GPUs
+    (`accelerate launch --cpu` starts a single process on one machine): every cell is trained by both processes,
+    written once by the main process, and records the world size; the step count accounts for the sharded batches."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+         "benchmarks/run.py", "--preset", "smoke", "--suites", "smoke", "--tasks", "sentiment", "--methods", "geolora",
+         "adalora", "--seeds", "0", "--results-dir", str(tmp_path), "--threads", "1"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    files = sorted(p.name for p in (tmp_path / "smoke").iterdir())
+    assert files == ["adalora--sentiment--0.json", "geolora--sentiment--0.json"]
+    single = None
+    for name in files:
+        cell = json.loads((tmp_path / "smoke" / name).read_text())
+        assert cell["provenance"]["hardware"]["world_size"] == 2 and cell["test"] is not None
+        assert cell["adapter_file_bytes"] > 0
+        single = cell["runs"][0]["total_steps"]
+    n_train = cell["provenance"]["split_sizes"]["train"]
+    assert single == 2 * -(-n_train // (16 * 2))  # 2 epochs of batch 16 per process, 2 processes
