@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install assets bench-assets main test lint
+.PHONY: install assets bench-assets bench-cpu main test lint
 
 # torch first, pinned: on these machines the CPU wheel comes from local disk; an unpinned torch could pull CUDA.
 install:
@@ -17,6 +17,12 @@ assets:
 # Fashion-MNIST (Debian, MIT) for the cpu-vision benchmark suite (configs/bench/cpu.yaml); needs root.
 bench-assets: assets
 	apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist
+
+# The README "Results" section: the cpu preset (about an hour on 2 cores; a rerun skips finished cells), then the
+# report (benchmarks/results/report.md, summary.md, plots/).
+bench-cpu: install bench-assets
+	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/run.py --preset cpu
+	$(PYTHON) benchmarks/report.py --suites cpu-text cpu-vision cpu-vision-cnn cpu-robust
 
 main: install assets
 	HF_HUB_OFFLINE=1 geolora train

@@ -3,7 +3,8 @@
     python benchmarks/report.py                                  # all suites under benchmarks/results
     python benchmarks/report.py --results-dir /tmp/smoke --suites smoke smoke-robust
 
-Writes ``<results-dir>/report.md`` (mean ± std over seeds per method and task, the learning-rate grids, kept
+Writes ``<results-dir>/summary.md`` (one table over all comparison suites, quoted in the README) and
+``<results-dir>/report.md`` (mean ± std over seeds per method and task, the learning-rate grids, kept
 parameters, adapter size, time per step, peak memory, which cells finished) and PNGs under ``<results-dir>/plots/``:
 
 * ``ranks-<suite>-<task>.png``: rank per layer over training (heatmaps, GeoLoRA and AdaLoRA, first seed);
@@ -141,6 +142,42 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
     return lines
 
 
+def summary_table(suites: dict[str, list[dict]]) -> list[str]:
+    """One table over every comparison suite: test metric mean ± std over seeds, adapter parameters kept at the end,
+    saved adapter size and mean final rank per layer (means over seeds), per method. Best mean metric in bold."""
+    comp = {s: cs for s, cs in suites.items() if not any(c.get("kind") == "grid" for c in cs)}
+    if not comp:
+        return []
+    methods = [m for m in METHOD_ORDER if any(c["method"] == m for cs in comp.values() for c in cs)]
+    lines = ["| suite / task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    cost = ["| suite / task | " + " | ".join(f"{m}: adapter params / file / mean rank" for m in methods) + " |",
+            "|---|" + "---|" * len(methods)]
+    for suite, cells in comp.items():
+        for task in sorted({c["task"] for c in cells}):
+            metric = next(c["primary_metric"] for c in cells if c["task"] == task)
+            by = {m: sorted((c for c in cells if c["task"] == task and c["method"] == m), key=lambda c: c["seed"])
+                  for m in methods}
+            means = {m: _mean([(c["test"] or {}).get(metric) for c in cs]) for m, cs in by.items()}
+            best = max((v for v in means.values() if v is not None), default=None)
+            row, crow = [f"{suite} / {task}", metric], [f"{suite} / {task}"]
+            for m in methods:
+                vals = [v for v in ((c["test"] or {}).get(metric) for c in by[m]) if v is not None and math.isfinite(v)]
+                if not vals:
+                    row.append("n/a")
+                else:
+                    txt = f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
+                    txt += f" (n={len(vals)})"
+                    row.append(f"**{txt}**" if means[m] == best else txt)
+                params = _mean([c.get("adapter_params_kept") for c in by[m]])
+                size = _mean([c.get("adapter_file_bytes") for c in by[m]])
+                ranks = [r for c in by[m] for r in (c.get("final_ranks") or {}).values()]
+                crow.append("n/a" if params is None else
+                            f"{params / 1000:.0f}k / {size / 1024:.0f} KiB / {statistics.mean(ranks):.1f}")
+            lines.append("| " + " | ".join(row) + " |")
+            cost.append("| " + " | ".join(crow) + " |")
+    return lines + [""] + cost + [""]
+
+
 def grid_tables(suite: str, cells: list[dict]) -> list[str]:
     lines = [f"### Suite `{suite}` (learning rate x budget grid)", ""]
     for task in sorted({c["task"] for c in cells}):
@@ -187,11 +224,12 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
         vmax = max(max(max(row) for row in run["rank_trajectory"]["ranks"]) for _, _, run in chosen)
         for ax, (m, seed, run) in zip(axes[0], chosen):
             traj = run["rank_trajectory"]
-            data = np.array(traj["ranks"]).T  # (layers, snapshots)
+            order = sorted(range(len(traj["layers"])), key=lambda i: _natural(traj["layers"][i]))  # L2 before L10
+            data = np.array(traj["ranks"]).T[order]  # (layers, snapshots)
             im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax,
                            extent=(traj["steps"][0] - 0.5, traj["steps"][-1] + 0.5, len(traj["layers"]) - 0.5, -0.5))
             ax.set_yticks(range(len(traj["layers"])))
-            ax.set_yticklabels([_short_layer(n) for n in traj["layers"]], fontsize=5)
+            ax.set_yticklabels([_short_layer(traj["layers"][i]) for i in order], fontsize=5)
             ax.set_xlabel("optimizer step")
             ax.set_title(f"{m}: rank per layer ({task}, seed {seed}, r={run['r']}, lr={run['lr']:g})", fontsize=9)
             fig.colorbar(im, ax=ax, label="rank")
@@ -201,6 +239,10 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _natural(name: str) -> list:
+    return [int(p) if p.isdigit() else p for p in name.split(".")]
 
 
 def _short_layer(name: str) -> str:
@@ -349,6 +391,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     first = next(iter(suites.values()))[0]["provenance"]
     lines += [f"Provenance (first cell): git {first['git']}, preset `{first['preset']}` ({first['config_file']}), "
               f"versions {first['versions']}, hardware {first['hardware']}. {first.get('note', '')}", ""]
+    summary = summary_table(suites)
+    if summary:
+        (report.parent / "summary.md").write_text("\n".join(summary) + "\n")
+        lines += ["## Summary (test metric, mean ± std over seeds; cost of the selected runs)", ""] + summary
     for suite, cells in suites.items():
         grid = any(c.get("kind") == "grid" for c in cells)
         lines += grid_tables(suite, cells) if grid else compare_tables(suite, cells)

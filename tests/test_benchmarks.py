@@ -167,6 +167,10 @@ def test_report_writes_tables_and_plots(smoke_results):
     report = (smoke_results / "report.md").read_text()
     assert "| task | metric | geolora | lora | adalora |" in report and "± " in report
     assert "| r \\ lr | 0.01 | 30 |" in report
+    summary = (smoke_results / "summary.md").read_text()
+    assert summary.startswith("| suite / task | metric | geolora | lora | adalora |")
+    assert "smoke / stsb | pearson" in summary
+    assert "## Summary" in report and "Learning-rate grid: validation metric" in report
     plots = {p.name for p in (smoke_results / "plots").glob("*.png")}
     assert {"metric-vs-params-smoke.png", "ranks-smoke-sentiment.png", "robustness-smoke-robust-sentiment.png",
             "params-over-steps-smoke-robust-sentiment.png"} <= plots

@@ -1,8 +1,8 @@
 """geolora's offline `evaluate` module for `f1` (see geolora/metrics/__init__.py)."""
 
 import datasets
-import numpy as np
 import evaluate
+import numpy as np
 
 _DESCRIPTION = "F1 score (sklearn.metrics.f1_score); average='binary' by default, 'macro' for several classes."
 

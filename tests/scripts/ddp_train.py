@@ -6,10 +6,10 @@ Each process writes its final ranks and merged weights to OUT/rank{R}.pt."""
 import os
 import sys
 
+import peft
 import torch
 
 import geolora
-import peft
 
 mode, out = sys.argv[1], sys.argv[2]
 
