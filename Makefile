@@ -22,7 +22,7 @@ bench-assets: assets
 # report (benchmarks/results/report.md, summary.md, plots/).
 bench-cpu: install bench-assets
 	HF_HUB_OFFLINE=1 $(PYTHON) benchmarks/run.py --preset cpu
-	$(PYTHON) benchmarks/report.py --suites cpu-text cpu-vision cpu-vision-cnn cpu-robust
+	$(PYTHON) benchmarks/report.py --suites cpu-text cpu-text-capped cpu-vision cpu-vision-cnn cpu-robust
 
 main: install assets
 	HF_HUB_OFFLINE=1 geolora train

@@ -354,7 +354,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
     * ``lora``: rank ``r``.
     * ``adalora``: ``init_r = ceil(1.5 r)``, ``target_r = r`` (average final rank), ``total_step`` = the run's optimizer
       steps, ``tinit``/``tfinal`` as fractions of it, allocation every ``deltaT`` steps.
-    * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r``, truncation tolerance ``tau``.
+    * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r`` (``geolora_r_max_factor`` x r: 1 caps it at
+      LoRA's rank, so it can only shrink), truncation tolerance ``tau``.
     """
     import peft
 
@@ -372,7 +373,11 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
                                   tfinal=tfinal, deltaT=hp.get("adalora_deltaT", 1),
                                   orth_reg_weight=hp.get("adalora_orth_reg_weight", 0.1), **common)
     if method == "geolora":
-        return geolora.GeoLoRAConfig(r=r, r_max=2 * r, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
+        factor = hp.get("geolora_r_max_factor", 2)
+        if not (isinstance(factor, (int, float)) and factor >= 1):
+            raise ValueError(f"geolora_r_max_factor must be a number >= 1, got {factor!r}")
+        return geolora.GeoLoRAConfig(r=r, r_max=max(r, int(round(factor * r))), tau=hp.get("tau", 0.15),
+                                     s_update=hp.get("s_update", "adam"),
                                      **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
 

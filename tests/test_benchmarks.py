@@ -255,6 +255,10 @@ def test_budget_rule_and_full_preset_plan():
     lora = T.adapter_config("lora", 8, spec, {}, 100, None)
     assert (ada.init_r, ada.target_r, ada.total_step, ada.tinit, ada.tfinal) == (12, 8, 100, 10, 20)
     assert (geo.r, geo.r_max, geo.tau, lora.r) == (8, 16, 0.1, 8)
+    capped = T.adapter_config("geolora", 8, spec, {"geolora_r_max_factor": 1}, 100, None)
+    assert capped.r_max == 8
+    with pytest.raises(ValueError, match="geolora_r_max_factor"):
+        T.adapter_config("geolora", 8, spec, {"geolora_r_max_factor": 0.5}, 100, None)
 
     cfg = R.load_preset("full", None)
     cells = R.plan_cells(cfg, {"suites": set(), "tasks": set(), "methods": set(), "seeds": set()})
