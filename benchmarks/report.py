@@ -158,7 +158,8 @@ def summary_table(suites: dict[str, list[dict]]) -> list[str]:
             by = {m: sorted((c for c in cells if c["task"] == task and c["method"] == m), key=lambda c: c["seed"])
                   for m in methods}
             means = {m: _mean([(c["test"] or {}).get(metric) for c in cs]) for m, cs in by.items()}
-            best = max((v for v in means.values() if v is not None), default=None)
+            present = [v for v in means.values() if v is not None]
+            best = max(present) if len(present) > 1 else None  # bold only when there is something to compare
             row, crow = [f"{suite} / {task}", metric], [f"{suite} / {task}"]
             for m in methods:
                 vals = [v for v in ((c["test"] or {}).get(metric) for c in by[m]) if v is not None and math.isfinite(v)]
