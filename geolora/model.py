@@ -166,7 +166,9 @@ def _check_saved_shapes(module: GeoLoRALayer, module_name: str, adapter_name: st
     for kind, shape in expected.items():
         key = f"{module_name}.{kind}.{adapter_name}"
         if key not in sd:
-            raise ValueError(f"GeoLoRA: the adapter checkpoint has no '{kind}' for layer '{_strip_prefixes(module_name)}'")
+            raise ValueError(
+                f"GeoLoRA: the adapter checkpoint has no '{kind}' for layer '{_strip_prefixes(module_name)}'"
+            )
         if tuple(sd[key].shape) != shape:
             raise ValueError(
                 f"GeoLoRA: layer '{_strip_prefixes(module_name)}' has {kind} of shape {tuple(sd[key].shape)} in the "

@@ -186,7 +186,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         probe = GeoLoRAConfig(
             r=1, tau=settings["tau"], s_update=settings["s_update"], rank_budget=settings["rank_budget"],
             budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
-            reorthonormalize_every=settings["reorthonormalize_every"], sync_factors_every=settings["sync_factors_every"],
+            reorthonormalize_every=settings["reorthonormalize_every"],
+            sync_factors_every=settings["sync_factors_every"],
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
@@ -487,8 +488,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         ``v̄`` the mean bias-corrected second moment of the layer's old block, so a new direction enters with a size
         that reflects how strong its gradient is relative to the layer's usual gradients, capped at Adam's unit step
         (plain Adam would give every new entry the same size ``lr`` and make the truncation unable to tell strong
-        directions from noise).  Their moments start there (``m = g``, ``v = max(v̄, g²)``).  After truncation the moments are rotated into the new basis
-        (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank."""
+        directions from noise).  Their moments start there (``m = g``, ``v = max(v̄, g²)``).  After truncation the
+        moments are rotated into the new basis (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank."""
         beta1, beta2 = self.settings["adam_betas"]
         eps = self.settings["adam_eps"]
         kU, kV = G_aug.shape[-2:]

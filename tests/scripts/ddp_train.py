@@ -51,7 +51,7 @@ if mode in ("driver", "nan"):
     loader = torch.utils.data.DataLoader(ds, batch_size=8)
     model, opt, loader = acc.prepare(model, opt, loader)
     micro = 0
-    for epoch in range(2):
+    for _epoch in range(2):
         for x, y in loader:
             with acc.accumulate(model):
                 loss = model(input_ids=x, labels=y).loss
