@@ -50,13 +50,13 @@ def load_results(results_dir: Path, suites: Optional[list[str]] = None) -> dict[
     return dict(out)
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 4) -> str:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     if not vals:
         return "n/a"
     if len(vals) == 1:
-        return f"{vals[0]:.4f} (n=1)"
-    return f"{statistics.mean(vals):.4f} ± {statistics.stdev(vals):.4f} (n={len(vals)})"
+        return f"{vals[0]:.{digits}f} (n=1)"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f} (n={len(vals)})"
 
 
 def _mean(values) -> Optional[float]:
@@ -115,7 +115,7 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
     lines.append("")
     lines += ["Learning-rate grid: validation metric of every grid point (seed that ran the whole grid; `div` = "
               "diverged, **bold** = selected):", ""]
-    lines += ["| task | method | seed | " + " | ".join(["lr: val"]) + " |", "|---|---|---|---|"]
+    lines += ["| task | method | seed | lr: val |", "|---|---|---|---|"]
     for task in tasks:
         metric = next(c["primary_metric"] for c in cells if c["task"] == task)
         for m in methods:
@@ -162,13 +162,8 @@ def summary_table(suites: dict[str, list[dict]]) -> list[str]:
             best = max(present) if len(present) > 1 else None  # bold only when there is something to compare
             row, crow = [f"{suite} / {task}", metric], [f"{suite} / {task}"]
             for m in methods:
-                vals = [v for v in ((c["test"] or {}).get(metric) for c in by[m]) if v is not None and math.isfinite(v)]
-                if not vals:
-                    row.append("n/a")
-                else:
-                    txt = f"{statistics.mean(vals):.3f}" + (f" ± {statistics.stdev(vals):.3f}" if len(vals) > 1 else "")
-                    txt += f" (n={len(vals)})"
-                    row.append(f"**{txt}**" if means[m] == best else txt)
+                txt = _mean_std([(c["test"] or {}).get(metric) for c in by[m]], digits=3)
+                row.append(f"**{txt}**" if best is not None and means[m] == best else txt)
                 params = _mean([c.get("adapter_params_kept") for c in by[m]])
                 size = _mean([c.get("adapter_file_bytes") for c in by[m]])
                 ranks = [r for c in by[m] for r in (c.get("final_ranks") or {}).values()]
@@ -243,7 +238,8 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
 
 
 def _natural(name: str) -> list:
-    return [int(p) if p.isdigit() else p for p in name.split(".")]
+    """Sort key putting layer 2 before layer 10 (numbers and names never compared with each other)."""
+    return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
 
 
 def _short_layer(name: str) -> str:

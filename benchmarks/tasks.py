@@ -197,9 +197,6 @@ def resolve_pretrained(name: str) -> str:
     return name
 
 
-EFFICIENTNET_1X1_TARGETS = r".*_blocks\.\d+\._(expand|project)_conv|.*_conv_head"
-
-
 def is_efficientnet(spec: dict) -> bool:
     return str(spec.get("pretrained", "")).startswith("efficientnet-lite")
 
@@ -378,7 +375,7 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
         factor = hp.get("geolora_r_max_factor", 2)
         if not (isinstance(factor, (int, float)) and factor >= 1):
             raise ValueError(f"geolora_r_max_factor must be a number >= 1, got {factor!r}")
-        return geolora.GeoLoRAConfig(r=r, r_max=max(r, int(round(factor * r))), tau=hp.get("tau", 0.15),
+        return geolora.GeoLoRAConfig(r=r, r_max=int(round(factor * r)), tau=hp.get("tau", 0.15),
                                      s_update=hp.get("s_update", "adam"),
                                      **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
