@@ -105,6 +105,16 @@ class GeoLoRACallback(TrainerCallback):
             handler.callbacks.remove(self)
             handler.callbacks.insert(1 if handler.callbacks else 0, self)
 
+    def _check_s_update(self, optimizer: GeoLoRAOptimizer) -> GeoLoRAOptimizer:
+        built = optimizer.settings["s_update"]
+        if self.s_update is not None and self.s_update != built:
+            raise ValueError(
+                f"GeoLoRACallback(s_update={self.s_update!r}) conflicts with the GeoLoRAOptimizer passed to the "
+                f"Trainer, built with s_update={built!r}. Set it in one place: GeoLoRAConfig(s_update=...) or "
+                "create_geolora_optimizer(..., s_update=...)."
+            )
+        return optimizer
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if getattr(args, "fsdp", None):
             raise RuntimeError(
@@ -118,12 +128,12 @@ class GeoLoRACallback(TrainerCallback):
         if hasattr(optimizer, "optimizer") and hasattr(optimizer, "scaler"):  # accelerate's AcceleratedOptimizer
             current = optimizer.optimizer
             if isinstance(current, GeoLoRAOptimizer):
-                self.optimizer = current
+                self.optimizer = self._check_s_update(current)
             else:
                 self.optimizer = GeoLoRAOptimizer(current, inner_model, s_update=self.s_update)
                 install_on_accelerated_optimizer(optimizer, self.optimizer)
         elif isinstance(optimizer, GeoLoRAOptimizer):
-            self.optimizer = optimizer
+            self.optimizer = self._check_s_update(optimizer)
         else:
             raise RuntimeError(
                 f"GeoLoRACallback: unexpected optimizer type {type(optimizer).__name__}; expected the Trainer's "

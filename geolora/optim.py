@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -41,6 +43,10 @@ from . import integrator as I
 from .layer import GeoLoRALayer
 
 logger = logging.getLogger(__name__)
+
+# After this many optimizer steps with λ > 0, a GeoLoRA adapter whose coefficients are all still exactly 0 has not
+# trained (the step reads λ = 0, or no gradient reaches the adapter): warn once.
+NEVER_TRAINED_STEPS = 10
 
 
 @dataclass
@@ -57,8 +63,11 @@ class _LayerGroup:
     r_max: int
     cap: int
     cost: int  # parameters per unit of rank (for a parameter budget)
-    # the param groups holding the layers' S (for λ and weight decay): one dict when all share it (the usual case)
-    owners: list[dict] | None = None
+    # indices into ``param_groups`` of the groups holding the layers' S (for λ and weight decay): one index when all
+    # share it (the usual case).  Indices, not the dicts: ``Optimizer.load_state_dict`` (which accelerate's
+    # ``AcceleratedOptimizer`` calls when it wraps an optimizer, and the Trainer on resume) replaces every param-group
+    # dict, so a cached dict would keep reading the lr of the moment it was cached while the scheduler moves the new.
+    owners: list[int] | None = None
 
 
 def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
@@ -166,6 +175,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         cfg = _geolora_config(model, self.adapter_name)
         from .config import GeoLoRAConfig
 
+        from_config = cfg
         if cfg is None:
             cfg = GeoLoRAConfig()
             logger.warning("No GeoLoRAConfig found on the model; using default step settings.")
@@ -191,14 +201,34 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
+        if from_config is not None:
+            # the config is what adapter_config.json records: write the values this run really trains with back
+            # into it, so an adapter trained with an override is never saved as if trained with the default
+            changed = {k: v for k, v in settings.items() if getattr(from_config, k) != v}
+            for key, value in changed.items():
+                setattr(from_config, key, value)
+            if changed:
+                logger.info("GeoLoRA: overrides written into the adapter config (saved with it): %s", changed)
         self._groups = self._build_groups(layers)
         self._param_to_group = self._map_param_groups()
+        self._s_group_indices = sorted({self._param_to_group[id(p)] for g in self._groups for p in g.S})
         self.num_steps = 0
         self.skipped_steps = 0
         self.truncations = 0
         self._last_warn = -math.inf
         self._suppressed = 0
+        self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
+        self._guard_done = False
         self.last_ranks: dict[str, int] = {}
+        # torch.optim.Optimizer's hook machinery (register_step_pre_hook / post hooks, state-dict hooks), without
+        # Optimizer.__init__, whose param_groups/state/defaults assignments would overwrite the wrapped optimizer's
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
 
     # --- delegate the Optimizer interface to the wrapped optimizer (like accelerate's AcceleratedOptimizer) ---
     @property
@@ -232,17 +262,35 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self):
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         sd = self.base_optimizer.state_dict()
-        sd["geolora"] = {"num_steps": self.num_steps, "skipped_steps": self.skipped_steps}
+        sd["geolora"] = {
+            "num_steps": self.num_steps,
+            "skipped_steps": self.skipped_steps,
+            "positive_lr_steps": self._positive_lr_steps,
+        }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
         return sd
 
     def load_state_dict(self, state_dict):
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         state_dict = dict(state_dict)
         extra = state_dict.pop("geolora", None)
         self.base_optimizer.load_state_dict(state_dict)
         if extra:
             self.num_steps = int(extra.get("num_steps", 0))
             self.skipped_steps = int(extra.get("skipped_steps", 0))
+            self._positive_lr_steps = int(extra.get("positive_lr_steps", self.num_steps))
+            self._guard_done = self._positive_lr_steps > NEVER_TRAINED_STEPS
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __repr__(self):
         return f"GeoLoRAOptimizer(s_update={self.settings['s_update']!r}, base={self.base_optimizer!r})"
@@ -274,11 +322,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             group.rank_buffers.append(layer.geolora_rank[a])
         return list(buckets.values())
 
-    def _map_param_groups(self) -> dict[int, dict]:
+    def _map_param_groups(self) -> dict[int, int]:
+        """id(parameter) -> index of its param group (indices stay valid across ``load_state_dict``)."""
         owner = {}
-        for pg in self.base_optimizer.param_groups:
+        for index, pg in enumerate(self.base_optimizer.param_groups):
             for p in pg["params"]:
-                owner[id(p)] = pg
+                owner[id(p)] = index
         for g in self._groups:
             for name, p in zip(g.names, g.S):
                 if id(p) not in owner:
@@ -353,14 +402,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                     [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
                 )
             sizes = [len(g.layers) for g in self._groups]
-            flat = torch.cat([nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local])
-            flat = _agree_across_processes(flat)
+            pieces = [nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local]
+            check_guard = not self._guard_done and self._positive_lr_steps >= NEVER_TRAINED_STEPS
+            if check_guard:  # rides on the same host read: 1 if every S is still exactly zero
+                pieces.append(self._all_coefficients_zero(device).view(1))
+            flat = _agree_across_processes(torch.cat(pieces))
             host = flat.tolist()  # the one host synchronisation of the step
+        if check_guard:
+            self._guard_done = True
+            self._warn_if_never_trained(bool(host[-1]))
         if host[0]:
             self._restore_grads(stash)
             self._on_skip()
             return
-        agreed = torch.split(flat[1:], sizes)
+        agreed = torch.split(flat[1 : 1 + sum(sizes)], sizes)
+        if any(float(pgs[i]["lr"]) > 0 for i in self._s_group_indices):
+            self._positive_lr_steps += 1
         with record_function("geolora::wrapped_step"):
             self.base_optimizer.step()
         do_reortho = st["reorthonormalize_every"] and (self.num_steps + 1) % st["reorthonormalize_every"] == 0
@@ -382,6 +439,43 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 layer.r[self.adapter_name] = k
         self._restore_grads(stash)
 
+    def _all_coefficients_zero(self, device) -> torch.Tensor:
+        """0-dim int64 on the device: 1 if every layer's S is exactly zero (no host synchronisation)."""
+        if not self._groups:
+            return torch.zeros((), dtype=torch.int64, device=device)
+        peaks = torch.stack([torch.stack(g.S).abs().amax().to(device) for g in self._groups])
+        return (peaks.amax() == 0).to(torch.int64)
+
+    def _warn_if_never_trained(self, all_zero: bool) -> None:
+        """The guard: after ``NEVER_TRAINED_STEPS`` steps with λ > 0, S still exactly 0 or orphaned factors."""
+        a = self.adapter_name
+        orphaned = [
+            name
+            for g in self._groups
+            for name, layer, S in zip(g.names, g.layers, g.S)
+            if a in layer.geolora_S and layer.geolora_S[a] is not S
+        ]
+        if orphaned:
+            warnings.warn(
+                f"GeoLoRA: this optimizer updates factors that are no longer the model's (e.g. '{orphaned[0]}', "
+                f"{len(orphaned)} layers): the model's GeoLoRA parameters were replaced after the optimizer was built "
+                "(capacity grown, adapter reloaded, model copied), so the adapter does not train. Build the optimizer "
+                "(geolora.create_geolora_optimizer) after the last change to the model.",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif all_zero:
+            warnings.warn(
+                f"GeoLoRA: after {self._positive_lr_steps} optimizer steps with a learning rate above 0, the "
+                "coefficients S of every GeoLoRA layer are still exactly 0: the adapter is not training. Likely "
+                "causes: no gradient reaches the adapter (the loss does not depend on it, or its factors were frozen), "
+                "or the step reads a learning rate of 0 (the param group holding the GeoLoRA factors). Check that "
+                "the optimizer is geolora.create_geolora_optimizer(model, lr=...) or that GeoLoRACallback is among the "
+                "Trainer's callbacks.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _on_skip(self) -> None:
         self.skipped_steps += 1
         now = time.monotonic()
@@ -401,12 +495,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         device tensor, no host-to-device copy), else (B, 1, 1) tensors."""
         if g.owners is None:
             g.owners = [self._param_to_group[id(p)] for p in g.S]
-            if all(pg is g.owners[0] for pg in g.owners):
+            if all(i == g.owners[0] for i in g.owners):
                 g.owners = g.owners[:1]
+        pgs = self.base_optimizer.param_groups  # read every step: the scheduler moves these very dicts
         if len(g.owners) == 1:
-            pg = g.owners[0]
+            pg = pgs[g.owners[0]]
             return float(pg["lr"]), float(pg.get("weight_decay", 0.0))
-        vals = torch.tensor([[float(pg["lr"]), float(pg.get("weight_decay", 0.0))] for pg in g.owners], dtype=dtype)
+        owners = [pgs[i] for i in g.owners]
+        vals = torch.tensor([[float(pg["lr"]), float(pg.get("weight_decay", 0.0))] for pg in owners], dtype=dtype)
         if device.type == "cuda":
             vals = vals.pin_memory().to(device, non_blocking=True)  # no stream synchronisation
         else:

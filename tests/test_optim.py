@@ -364,3 +364,54 @@ def test_zero_first_step_keeps_ranks():
     opt.step()
     sched.step()
     assert set(geolora.get_ranks(model).values()) == {4}
+
+
+# ------------------------------------------------------------------ overrides are recorded; optimizer hooks work
+@pytest.mark.parametrize("how", ["create_geolora_optimizer", "GeoLoRAOptimizer", "callback"])
+def test_step_overrides_are_written_into_the_saved_config(tmp_path, how):
+    """An 'sgd' run must never be saved as 'adam': the values the step trains with end up in adapter_config.json."""
+    import json
+
+    model = _make(s_update="adam", dtype=torch.float32)
+    if how == "create_geolora_optimizer":
+        geolora.create_geolora_optimizer(model, lr=0.1, s_update="sgd")
+    elif how == "GeoLoRAOptimizer":
+        geolora.grow_capacity(model)
+        base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        geolora.GeoLoRAOptimizer(base, model, s_update="sgd", tau=0.25, adam_eps=1e-6)
+    else:
+        from transformers import TrainerControl, TrainerState, TrainingArguments
+
+        geolora.grow_capacity(model)
+        base = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        args = TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to=[])
+        state, control = TrainerState(), TrainerControl()
+        ready = geolora.GeoLoRAOptimizer(base, model)  # built with the config's "adam"
+        with pytest.raises(ValueError, match=r"GeoLoRACallback\(s_update='sgd'\) conflicts .* s_update='adam'"):
+            geolora.GeoLoRACallback(s_update="sgd").on_train_begin(args, state, control, model=model, optimizer=ready)
+        from accelerate import Accelerator
+
+        wrapped = Accelerator(cpu=True).prepare_optimizer(base)  # what the Trainer hands its callbacks
+        geolora.GeoLoRACallback(s_update="sgd").on_train_begin(args, state, control, model=model, optimizer=wrapped)
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["s_update"] == "sgd"
+    if how == "GeoLoRAOptimizer":
+        assert saved["tau"] == 0.25 and saved["adam_eps"] == 1e-6
+
+
+def test_optimizer_hooks_work():
+    """Tools that hook optimizers (register_step_pre_hook / post hooks, state-dict hooks) must work."""
+    model = _make(dtype=torch.float32)
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append(("pre", o.num_steps)))
+    opt.register_step_post_hook(lambda o, a, k: calls.append(("post", o.num_steps)))
+    opt.register_state_dict_post_hook(lambda o, sd: calls.append(("state_dict", "geolora" in sd)))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("load", o.num_steps)))
+    x = torch.randn(8, 10)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    sd = opt.state_dict()
+    opt.load_state_dict(sd)
+    assert calls == [("pre", 0), ("post", 1), ("state_dict", True), ("load", 1)]
