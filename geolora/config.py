@@ -147,6 +147,17 @@ class GeoLoRAConfig(PeftConfig):
         default="rank",
         metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."},
     )
+    augment_every: int = field(
+        default=1,
+        metadata={
+            "help": "Steps per augmentation interval k. 1: the paper's Algorithm 1 (every step augments the bases "
+            "with the gradient directions and truncates). k > 1: the first step of each interval augments (the rank "
+            "grows to at most min(2r, r_max), nothing is discarded below the capacity), the next k - 2 steps update "
+            "only the coefficients S with the augmented bases live in the forward, and the last step truncates by "
+            "tau (or rank_budget): new directions get k steps to grow before they are judged. Each layer is "
+            "truncated once per interval; the capacity stays r_max."
+        },
+    )
     reorthonormalize_every: int = field(
         default=100,
         metadata={"help": "Re-orthonormalise U and V by QR every this many steps (0 = never); cheap, guards drift."},
@@ -235,6 +246,8 @@ class GeoLoRAConfig(PeftConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 _fail(name, value, "expected an int >= 0")
+        if not _is_int(self.augment_every) or self.augment_every < 1:
+            _fail("augment_every", self.augment_every, "expected an int >= 1 (1 = Algorithm 1, every step)")
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if not isinstance(self.rank_pattern, dict):

@@ -188,6 +188,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "sync_factors_every": cfg.sync_factors_every,
             "adam_betas": tuple(cfg.adam_betas),
             "adam_eps": cfg.adam_eps,
+            "augment_every": cfg.augment_every,
         }
         unknown = set(overrides) - set(settings)
         if unknown:
@@ -197,7 +198,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             r=1, tau=settings["tau"], s_update=settings["s_update"], rank_budget=settings["rank_budget"],
             budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
             reorthonormalize_every=settings["reorthonormalize_every"],
-            sync_factors_every=settings["sync_factors_every"],
+            sync_factors_every=settings["sync_factors_every"], augment_every=settings["augment_every"],
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
@@ -217,6 +218,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.truncations = 0
         self._last_warn = -math.inf
         self._suppressed = 0
+        self._last_reortho = 0
         self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
         self._guard_done = False
         self.last_ranks: dict[str, int] = {}
@@ -386,15 +388,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             else:
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
+        phase = self.phase
         work = []
         for g, (gU, gS, gV) in zip(self._groups, stash):
-            work.append(self._augment_group(g, gU, gS, gV))
+            if phase in ("step", "augment"):
+                work.append(self._augment_group(g, gU, gS, gV, augment_only=phase == "augment"))
+            else:
+                work.append(self._coefficient_group(g, gS, truncate=phase == "truncate"))
 
         with record_function("geolora::rank_decision"):
             for w in work:
                 nonfinite = nonfinite | w["nonfinite"]
             ranks_local = [w["ranks"] for w in work]
-            if st["rank_budget"] is not None and work:
+            if st["rank_budget"] is not None and work and phase in ("step", "truncate"):
                 full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
                 costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
                 ranks_local = I.budget_truncation_ranks(
@@ -420,7 +426,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._positive_lr_steps += 1
         with record_function("geolora::wrapped_step"):
             self.base_optimizer.step()
-        do_reortho = st["reorthonormalize_every"] and (self.num_steps + 1) % st["reorthonormalize_every"] == 0
+        # re-orthonormalise on a step that rewrites the bases, once reorthonormalize_every steps have passed
+        every = st["reorthonormalize_every"]
+        do_reortho = bool(every) and phase != "coefficients" and self.num_steps + 1 - self._last_reortho >= every
+        if do_reortho:
+            self._last_reortho = self.num_steps + 1
         offset = 1
         with record_function("geolora::write"):
             a = self.adapter_name
@@ -429,7 +439,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
                     layer.r[a] = k
                 offset += len(g.layers)
-                self.truncations += len(g.layers)
+                if phase in ("step", "truncate"):
+                    self.truncations += len(g.layers)
         self.num_steps += 1
         if st["sync_factors_every"] and self.num_steps % st["sync_factors_every"] == 0:
             buffers = [b for g in self._groups for b in g.rank_buffers]
@@ -438,6 +449,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             for layer, k in zip(layers, torch.stack(buffers).tolist()):  # one sync, only on broadcast steps
                 layer.r[self.adapter_name] = k
         self._restore_grads(stash)
+
+    @property
+    def phase(self) -> str:
+        """What the next ``step()`` does: ``"step"`` (``augment_every=1``: Algorithm 1, augment and truncate), or,
+        within an interval of ``augment_every = k > 1`` steps, ``"augment"`` (first step), ``"coefficients"`` (the
+        steps in between) and ``"truncate"`` (last step).  Counted over every call of ``step()``, skipped ones
+        included, so the phase follows the Trainer's ``global_step`` and a resumed run continues mid-interval."""
+        k = self.settings["augment_every"]
+        if k == 1:
+            return "step"
+        position = (self.num_steps + self.skipped_steps) % k
+        return "augment" if position == 0 else "truncate" if position == k - 1 else "coefficients"
 
     def _all_coefficients_zero(self, device) -> torch.Tensor:
         """0-dim int64 on the device: 1 if every layer's S is exactly zero (no host synchronisation)."""
@@ -509,7 +532,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             vals = vals.to(device)
         return vals[:, 0, None, None], vals[:, 1, None, None]
 
-    def _augment_group(self, g: _LayerGroup, gU, gS, gV) -> dict:
+    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False) -> dict:
         """QR of the augmented bases, the augmented coefficients and their SVD for one group.
 
         Works at width ``ρ`` = the largest live rank in the group (host mirror, no sync) instead of the capacity:
@@ -538,7 +561,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 kU, kV = G_aug.shape[-2:]
                 S_aug = I.pad_coefficients(S, kU, kV) - lr * G_aug
             else:
-                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd)
+                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd, plain_new=augment_only)
                 out["moments"] = moments
             # lr * G can overflow from finite gradients: that must skip the step too, not pass silently as zeros
             out["nonfinite"] = ~torch.isfinite(S_aug).all()
@@ -547,6 +570,46 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
         out.update(P=P, sigma=sigma, Qh=Qh)
+        # augmentation of an interval keeps every direction that fits the capacity (τ = 0): the truncation by τ comes
+        # at the interval's last step, after the new directions had the interval to grow or fade
+        tau = 0.0 if augment_only else st["tau"]
+        out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=ranks)
+        return out
+
+    def _coefficient_group(self, g: _LayerGroup, gS, truncate: bool) -> dict:
+        """A step on the coefficients only, bases fixed (inside an interval of ``augment_every > 1`` steps).
+
+        ``S <- S - λ U^T G V`` (``"sgd"``) or an Adam step on ``S`` (``"adam"``) at the live rank.  With ``truncate``
+        (the interval's last step) the result is then diagonalised by an SVD and truncated by ``τ`` (or the budget):
+        ``U <- U P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- V Q[:, :r1]``, moments rotated as after Algorithm 1."""
+        st = self.settings
+        a = self.adapter_name
+        rho = max(layer.r[a] for layer in g.layers)
+        with record_function("geolora::stack"):
+            U = torch.stack(g.U)[..., :rho]  # (B, m, ρ)
+            V = torch.stack(g.V)[..., :rho]  # (B, n, ρ)
+            dt = I.compute_dtype(U.dtype)
+            S = torch.stack(g.S)[..., :rho, :rho].to(dt)  # (B, ρ, ρ)
+            G = torch.stack(_or_zeros(gS, g.S))[..., :rho, :rho].to(dt)  # (B, ρ, ρ) = U^T G_M V
+            ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,)
+        live = I.column_mask(ranks, rho)  # (B, ρ)
+        with record_function("geolora::coefficients"):
+            lr, wd = self._lrs(g, U.device, dt)
+            out: dict = {}
+            if st["s_update"] == "sgd":
+                S_new = S - lr * G
+            else:
+                # every live entry has history (no new directions): Adam on all of them
+                S_new, moments = self._adam_coefficients(g, S, G, _fixed_basis(U, live), _fixed_basis(V, live), lr, wd)
+                out["moments"] = moments
+            out["nonfinite"] = ~torch.isfinite(S_new).all()
+            S_new = torch.nan_to_num(S_new, nan=0.0, posinf=0.0, neginf=0.0)
+        if not truncate:
+            out.update(S_only=S_new, ranks=ranks)
+            return out
+        with record_function("geolora::svd"):
+            P, sigma, Qh = torch.linalg.svd(S_new, full_matrices=False)
+        out.update(Ub=_fixed_basis(U.to(dt), live), Vb=_fixed_basis(V.to(dt), live), P=P, sigma=sigma, Qh=Qh)
         out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap), current=ranks)
         return out
 
@@ -576,7 +639,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                        tuple(m.shape), B, c, c)
         return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
 
-    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd):
+    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd, plain_new: bool = False):
         """Adam on S in the augmented coordinates.
 
         Moments live in the (U, V) coordinates of the current basis.  Entries of the new directions (the blocks
@@ -602,12 +665,25 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         m = torch.where(old, m, G_aug * bc1)  # new entries: m̂ = g
         # new entries: v̂ = max(v̄, g²): a step g / sqrt(v̄) for directions weaker than the layer's typical gradient,
         # capped at Adam's unit step for stronger ones (v̄ can be tiny right after S = 0)
-        v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
+        if plain_new:  # interval augmentation: a new entry starts as a fresh Adam entry (first step lr * sign(g))
+            v = torch.where(old, v, G_aug * G_aug * bc2)
+        else:
+            v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
         direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
         S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
         return S_pad - lr * direction, (m, v, t)
 
     def _write_group(self, g: _LayerGroup, w: dict, ranks: torch.Tensor, reortho: bool) -> None:
+        if "S_only" in w:  # a coefficient step: bases and ranks unchanged
+            c = g.cap
+            torch._foreach_copy_(g.S, list(I._fit(w["S_only"], c, c).to(g.S[0].dtype).unbind(0)))
+            if "moments" in w:
+                m, v, t = w["moments"]
+                s0 = self.base_optimizer.state[g.S[0]]
+                s0["geolora_exp_avg"] = I._fit(m, c, c).to(torch.float32)
+                s0["geolora_exp_avg_sq"] = I._fit(v, c, c).to(torch.float32)
+                s0["step"] = t.to(torch.float32)
+            return
         tr = I.truncate(w["Ub"].basis, w["Vb"].basis, w["P"], w["sigma"], w["Qh"], ranks, g.cap)
         U_new, S_new, V_new = tr.U, tr.S, tr.V
         if reortho:
@@ -623,6 +699,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             s0["geolora_exp_avg"] = (Pk.transpose(1, 2) @ m @ Qk).to(torch.float32)  # (B, c, c)
             s0["geolora_exp_avg_sq"] = ((Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)).to(torch.float32)
             s0["step"] = t.to(torch.float32)  # (B,); AdamW.__setstate__ expects "step" in any non-empty state
+
+
+def _fixed_basis(basis: torch.Tensor, live: torch.Tensor) -> I.AugmentedBasis:
+    """A basis with no new directions: every live column is old."""
+    return I.AugmentedBasis(basis, live, torch.zeros_like(live))
 
 
 def _or_zeros(grads: list, params: list) -> list:
