@@ -145,7 +145,10 @@ class GeoLoRAConfig(PeftConfig):
     )
     budget_type: Literal["rank", "params"] = field(
         default="rank",
-        metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."},
+        metadata={
+            "help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters kept and saved: "
+            "k * (out + in + k) for a layer of rank k, i.e. U, V and the full k x k S)."
+        },
     )
     reorthonormalize_every: int = field(
         default=100,

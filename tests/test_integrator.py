@@ -126,6 +126,57 @@ def test_budget_truncation_keeps_globally_largest():
     assert sum(int(x) for x in r[0]) + 10 * sum(int(x) for x in r[1]) <= 13
 
 
+def _greedy_budget_reference(rows, first_costs, growth, budget, r_min, r_max):
+    """Plain-Python greedy: forced r_min values per row, then values in decreasing σ (ties: row-major order), each
+    charged first_cost + growth * (its index in its row), until the first one that does not fit."""
+    ranks = [min(lo, hi, len(row)) for row, lo, hi in zip(rows, r_min, r_max)]
+    spent = sum(k * c + growth * k * (k - 1) / 2 for k, c in zip(ranks, first_costs))
+    candidates = sorted(
+        (-v, i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if ranks[i] <= j < min(r_max[i], len(row))
+    )
+    for _, i, j in candidates:
+        cost = first_costs[i] + growth * j
+        if spent + cost > budget:
+            break
+        spent += cost
+        ranks[i] += 1
+    return ranks, spent
+
+
+def test_parameter_budget_charges_the_marginal_cost_of_each_rank_float64():
+    """budget_type="params": rank k of an (m, n) layer keeps k (m + n + k) parameters, so going from rank j to j + 1
+    costs m + n + 2j + 1 (first cost m + n + 1, growth 2)."""
+    s1 = torch.tensor([[9.0, 5.0, 2.5, 1.0], [8.0, 6.5, 0.5, 0.1]], dtype=torch.float64)  # (m, n) = (10, 12)
+    s2 = torch.tensor([[7.0, 6.0, 4.0]], dtype=torch.float64)  # (m, n) = (3, 10)
+    first = [torch.tensor(23), torch.tensor(14)]
+    lo, hi = [torch.tensor(1), torch.tensor(1)], [torch.tensor(4), torch.tensor(3)]
+    # forced 23 + 23 + 14 = 60; then (7 is forced already) 6.5 (row 1, j=1: 25) -> 85, 6 (group 2, j=1: 16) -> 101,
+    # 5 (row 0, j=1: 25) -> 126, 4 (group 2, j=2: 18) -> 144, 2.5 (row 0, j=2: 27) -> 171 > 160: stop
+    r = I.budget_truncation_ranks([s1, s2], first, 160, lo, hi, cost_growth=2.0)
+    assert [x.tolist() for x in r] == [[2, 2], [3]]
+    assert 2 * (22 + 2) + 2 * (22 + 2) + 3 * (13 + 3) == 144  # kept: k (m + n + k) per layer
+    # a flat m + n + 1 per rank (cost_growth 0, the rank budget's rule) charges 157 for rank 3 in row 0, which keeps
+    # 3 * 25 + 2 * 24 + 3 * 16 = 171 parameters
+    flat = I.budget_truncation_ranks([s1, s2], first, 160, lo, hi)
+    assert [x.tolist() for x in flat] == [[3, 2], [3]]
+    gen = torch.Generator().manual_seed(0)
+    for budget in (100, 122, 150, 171, 200, 250, 300, 400):  # the forced ranks cost 122
+        sig = [torch.sort(torch.rand(3, 5, generator=gen, dtype=torch.float64), descending=True).values,
+               torch.sort(torch.rand(2, 4, generator=gen, dtype=torch.float64), descending=True).values]
+        rows = [row for s in sig for row in s.tolist()]
+        firsts = [23, 23, 23, 14, 14]
+        mins, maxs = [1, 2, 1, 1, 1], [5, 4, 3, 4, 2]
+        got = I.budget_truncation_ranks(
+            sig, [torch.tensor(23), torch.tensor(14)], budget,
+            [torch.tensor([1, 2, 1]), torch.tensor([1, 1])], [torch.tensor([5, 4, 3]), torch.tensor([4, 2])],
+            cost_growth=2.0,
+        )
+        expected, spent = _greedy_budget_reference(rows, firsts, 2, budget, mins, maxs)
+        assert torch.cat(got).tolist() == expected, budget
+        forced_cost = sum(k * c + k * (k - 1) for k, c in zip([1, 2, 1, 1, 1], firsts))
+        assert spent <= max(budget, forced_cost)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     m=st.integers(2, 12),
