@@ -271,6 +271,13 @@ class GeoLoRAConfig(PeftConfig):
             if isinstance(value, (list, tuple, set)) and not all(isinstance(v, str) for v in value):
                 _fail(name, value, "expected module names (str)", TypeError)
 
+    def to_dict(self) -> dict:
+        """The config as a dict, as adapter_config.json holds it: ``adam_betas`` is a list there (JSON has no
+        tuples), so it is a list here too; the config itself keeps the tuple."""
+        out = super().to_dict()
+        out["adam_betas"] = list(out["adam_betas"])
+        return out
+
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """PEFT's ``save_pretrained``, written atomically: the JSON goes to a temporary folder inside
         ``save_directory`` and is renamed over ``adapter_config.json``, so a killed save never leaves a half-written
