@@ -454,6 +454,53 @@ def test_half_precision_base_with_fp32_factors(name, dtype, tiny_specs):
         torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1]), rtol=0, atol=1e-5)
 
 
+def _factor_tensors(model) -> list[torch.Tensor]:
+    kinds = ("geolora_U", "geolora_S", "geolora_V")
+    return [getattr(layer, kind)["default"] for layer in _layers(model).values() for kind in kinds]
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_autocast_adapter_dtype_on_a_bf16_base_is_honoured_like_lora(autocast, tiny_specs, tmp_path):
+    """``autocast_adapter_dtype=True`` (PEFT's default): factors in float32.  ``False``: factors in the base dtype,
+    as LoRA's are; the GeoLoRA step still computes in float32 and keeps the bases orthonormal to bf16 precision."""
+    from peft import LoraConfig
+
+    spec = tiny_specs["bert"]
+    lora = get_peft_model(
+        spec.build().to(torch.bfloat16), LoraConfig(r=4, target_modules=list(spec.target_modules)),
+        autocast_adapter_dtype=autocast,
+    )
+    lora_dtypes = {p.dtype for n, p in lora.named_parameters() if "lora_" in n}
+    expected = torch.float32 if autocast else torch.bfloat16
+    assert lora_dtypes == {expected}  # the reference behaviour
+    torch.manual_seed(0)
+    model = get_peft_model(spec.build().to(torch.bfloat16), _config(spec), autocast_adapter_dtype=autocast)
+    assert {f.dtype for f in _factor_tensors(model)} == {expected}
+    inputs = spec.inputs()
+    opt = geolora.create_geolora_optimizer(model, lr=HEAD_LR, geolora_lr=GEOLORA_LR)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = spec.loss(model, inputs)
+        assert torch.isfinite(loss)
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad()
+    assert {f.dtype for f in _factor_tensors(model)} == {expected}  # the step writes back in the factors' dtype
+    ranks = geolora.get_ranks(model)
+    assert ranks and all(1 <= k <= 8 for k in ranks.values())
+    for layer in _layers(model).values():
+        k = layer.r["default"]
+        for basis in (layer.geolora_U["default"][:, :k], layer.geolora_V["default"][:, :k]):
+            assert torch.isfinite(basis).all()
+            err = (basis.double().T @ basis.double() - torch.eye(k, dtype=torch.float64)).abs().max().item()
+            assert err < (1e-5 if autocast else 1e-2), err
+    # loading honours it too
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(spec.build().to(torch.bfloat16), str(tmp_path), autocast_adapter_dtype=autocast)
+    assert {f.dtype for f in _factor_tensors(loaded)} == {expected}
+    assert geolora.get_ranks(loaded) == ranks
+
+
 def test_optimizer_after_a_forward_whose_output_is_still_alive(tiny_specs):
     spec = tiny_specs["cnn"]
     model = get_peft_model(spec.build(), _config(spec))
