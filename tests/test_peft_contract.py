@@ -561,6 +561,19 @@ def test_export_as_lora_loads_in_stock_peft_without_geolora(name, trained, lora_
     assert not any("geolora" in key for key in tensors)
 
 
+def test_export_lists_each_module_to_save_once(trained, tmp_path):
+    """PEFT appends its task defaults (SEQ_CLS: classifier, score) to modules_to_save on every get_peft_model /
+    from_pretrained, so a reloaded adapter's config holds duplicates; the exported LoRA config names each once."""
+    t = trained["bert"]
+    loaded = PeftModel.from_pretrained(_load_base(t.spec, t.base_dir), str(t.adapter_dir))
+    assert loaded.peft_config["default"].modules_to_save.count("classifier") > 1  # the duplicates come from PEFT
+    geolora.export_as_lora(loaded, tmp_path)
+    exported = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert exported["modules_to_save"] == ["classifier", "score"]
+    first = json.loads((t.export_dir / "adapter_config.json").read_text())
+    assert first["modules_to_save"] == ["classifier", "score"]
+
+
 def test_export_of_merged_model_raises(tiny_specs, tmp_path):
     spec = tiny_specs["cnn"]
     model = _trained_model(spec)
