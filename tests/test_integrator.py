@@ -65,6 +65,7 @@ def test_step_invariants_float64(seed, zero_S):
     tau = 0.2
     new_ranks = I.truncation_rank(sigma, tau, 1, cap)
     tr = I.truncate(Ub.basis, Vb.basis, P, sigma, Qh, new_ranks, cap)
+    assert (new_ranks < cap).any()  # so that the zero padding below is checked on a non-empty slice
     M_aug = Ub.basis @ S_aug @ Vb.basis.transpose(1, 2)
     M_new = tr.U @ tr.S @ tr.V.transpose(1, 2)
     for b in range(B):
@@ -73,7 +74,9 @@ def test_step_invariants_float64(seed, zero_S):
         Uk, Vk = tr.U[b, :, :k], tr.V[b, :, :k]
         assert torch.allclose(Uk.T @ Uk, torch.eye(k, dtype=torch.float64), atol=1e-12)
         assert torch.allclose(Vk.T @ Vk, torch.eye(k, dtype=torch.float64), atol=1e-12)
-        assert tr.U[b, :, k:].abs().max().item() == 0 if k < cap else True  # exact zero padding
+        # exact zero padding beyond the rank (an empty slice where k == cap)
+        assert torch.count_nonzero(tr.U[b, :, k:]) == torch.count_nonzero(tr.V[b, :, k:]) == 0
+        assert torch.count_nonzero(tr.S[b, k:]) == torch.count_nonzero(tr.S[b, :, k:]) == 0
         err = (M_aug[b] - M_new[b]).norm()
         tail = sigma[b, k:].norm()
         assert torch.allclose(err, tail, atol=1e-10)  # truncation error == discarded tail
@@ -121,9 +124,17 @@ def test_budget_truncation_keeps_globally_largest():
     r = I.budget_truncation_ranks([s1, s2], [ones, ones], 5, [ones, ones], [torch.tensor(3), torch.tensor(4)])
     # forced: one per layer (9, 8, 7) = 3; then the next largest: 6, 5
     assert r[0].tolist() == [2, 1] and r[1].tolist() == [2]
-    # parameter budget: a rank in layer group 2 costs 10, in group 1 costs 1
-    r = I.budget_truncation_ranks([s1, s2], [ones, torch.tensor(10)], 13, [ones, ones], [torch.tensor(3)] * 2)
-    assert sum(int(x) for x in r[0]) + 10 * sum(int(x) for x in r[1]) <= 13
+    # per-layer costs: a rank in group 2 costs 10, in group 1 costs 1; forced 1 + 1 + 10 = 12
+    costs, caps = [ones, torch.tensor(10)], [torch.tensor(3)] * 2
+    # 13: the next largest value, 6 (group 2, cost 10), does not fit, and admission stops there (5 is not taken)
+    r = I.budget_truncation_ranks([s1, s2], costs, 13, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[1, 1], [1]]
+    # 23: 6 (10) -> 22, 5 (1) -> 23, then 4 (10) does not fit
+    r = I.budget_truncation_ranks([s1, s2], costs, 23, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[2, 1], [2]]
+    # 34: 4 (10) -> 33, then 1 (1) -> 34; group 2 is at its cap (3), so 3 is not eligible; 0.5 would not fit
+    r = I.budget_truncation_ranks([s1, s2], costs, 34, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[3, 1], [3]]
 
 
 def _greedy_budget_reference(rows, first_costs, growth, budget, r_min, r_max):

@@ -505,9 +505,23 @@ def test_optimizer_after_a_forward_whose_output_is_still_alive(tiny_specs):
     spec = tiny_specs["cnn"]
     model = get_peft_model(spec.build(), _config(spec))
     inputs = spec.inputs()
+    before = {name: (layer.capacity("default"), layer.geolora_U["default"]) for name, layer in _layers(model).items()}
     sanity_check = spec.forward(model, inputs)  # e.g. a user looks at the outputs before training
-    _train(model, spec, steps=1, inputs=inputs)  # capacity grows here; the old graph must not pin the shapes
-    del sanity_check
+    expected = sanity_check.detach().clone()
+    opt = _train(model, spec, steps=1, inputs=inputs)  # capacity grows here; the old graph must not pin the shapes
+    assert opt.num_steps == 1 and opt.skipped_steps == 0
+    for name, layer in _layers(model).items():
+        old_capacity, old_U = before[name]
+        # grown to r_max in new Parameter objects (the live graph keeps the old, smaller ones)
+        assert old_capacity == 4 and layer.capacity("default") == layer.r_max["default"] > 4, name
+        assert layer.geolora_U["default"] is not old_U and old_U.shape[1] == 4, name
+        k = layer.r["default"]
+        U = layer.geolora_U["default"][:, :k]
+        torch.testing.assert_close(U.T @ U, torch.eye(k), rtol=0, atol=1e-5)
+    # the step trained the adapter, and the output kept alive was left as it was
+    with torch.no_grad():
+        assert not torch.equal(spec.forward(model, inputs), expected)
+    torch.testing.assert_close(sanity_check.detach(), expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- export
