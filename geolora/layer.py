@@ -3,7 +3,8 @@
 For a frozen map ``y = x W0^T`` the adapted map is ``y = x W0^T + s * x V S^T U^T`` (``ΔW = s * U S V^T``).
 
 The backward of the adapter does NOT write ``dL/dU``, ``dL/dV`` into ``.grad`` (those contain ``S`` and vanish at
-``S = 0``).  It writes the three directions the GeoLoRA step needs, from one backward pass (ALGORITHM.md)::
+``S = 0``).  It writes the three directions the GeoLoRA step needs, from one backward pass (the notation of
+:mod:`geolora.integrator`)::
 
     U.grad = G_M V      = s * dY^T (x V)       (out, r)   K-direction
     V.grad = G_M^T U    = s * x^T (dY U)       (in, r)    L-direction

@@ -101,8 +101,8 @@ class GeoLoRAModel(BaseTuner):
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Slice every layer to its live rank and write the ranks into ``config.rank_pattern``.
 
-        PeftModel.save_pretrained builds the state dict before it writes adapter_config.json, so the ranks recorded
-        here end up in the JSON (PEFT-INTEGRATION.md).
+        PeftModel.save_pretrained builds the state dict (``get_peft_model_state_dict``) before it writes
+        adapter_config.json (``peft_config.save_pretrained``), so the ranks recorded here end up in the JSON.
         """
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         ranks = {}
