@@ -17,7 +17,8 @@ It also wraps two module-level names of ``peft.peft_model`` (version guarded, id
   ranks equal to ``rank_pattern``, finite values, orthonormal bases) before PEFT loads them into the model.
 
 Both are names PEFT looks up at call time, so wrapping them changes nothing else; the wrappers are installed only
-for the PEFT versions checked in PEFT-INTEGRATION.md (the same range :func:`register_geolora` accepts).
+for the PEFT versions this module was checked against (``_PEFT_MIN`` <= version < ``_PEFT_MAX`` below, the same
+range :func:`register_geolora` accepts and pyproject.toml pins).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 GEOLORA_NAME = "geolora"
 GEOLORA_PREFIX = "geolora_"
-# Versions whose internals this module was checked against (PEFT-INTEGRATION.md); pyproject pins the same range.
+# Versions whose internals this module was checked against; pyproject pins the same range.
 _PEFT_MIN, _PEFT_MAX = Version("0.21.0"), Version("0.22.0")
 
 

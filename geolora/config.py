@@ -145,7 +145,10 @@ class GeoLoRAConfig(PeftConfig):
     )
     budget_type: Literal["rank", "params"] = field(
         default="rank",
-        metadata={"help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters)."},
+        metadata={
+            "help": "Unit of rank_budget: 'rank' (sum of ranks) or 'params' (adapter parameters kept and saved: "
+            "k * (out + in + k) for a layer of rank k, i.e. U, V and the full k x k S)."
+        },
     )
     augment_every: int = field(
         default=1,
@@ -280,6 +283,13 @@ class GeoLoRAConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, (list, tuple, set)) and not all(isinstance(v, str) for v in value):
                 _fail(name, value, "expected module names (str)", TypeError)
+
+    def to_dict(self) -> dict:
+        """The config as a dict, as adapter_config.json holds it: ``adam_betas`` is a list there (JSON has no
+        tuples), so it is a list here too; the config itself keeps the tuple."""
+        out = super().to_dict()
+        out["adam_betas"] = list(out["adam_betas"])
+        return out
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """PEFT's ``save_pretrained``, written atomically: the JSON goes to a temporary folder inside

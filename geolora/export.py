@@ -85,6 +85,9 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
         rank_pattern[short] = k
         alpha_pattern[short] = k
     target = config.target_modules
+    # PEFT appends its task defaults (SEQ_CLS: classifier, score) on every get_peft_model/from_pretrained: name each
+    # module once, in order
+    modules_to_save = list(dict.fromkeys(config.modules_to_save)) if config.modules_to_save is not None else None
     lora_config = LoraConfig(
         r=config.r,
         lora_alpha=config.r,
@@ -92,7 +95,7 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
         exclude_modules=config.exclude_modules,
         layers_to_transform=config.layers_to_transform,
         layers_pattern=config.layers_pattern,
-        modules_to_save=config.modules_to_save,
+        modules_to_save=modules_to_save,
         bias=config.bias.replace("geolora_only", "lora_only"),
         fan_in_fan_out=config.fan_in_fan_out,
         lora_dropout=config.lora_dropout,

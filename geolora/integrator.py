@@ -177,17 +177,27 @@ def budget_truncation_ranks(
     budget: float,
     r_min: Sequence[torch.Tensor],
     r_max: Sequence[torch.Tensor],
+    cost_growth: float = 0.0,
 ) -> list[torch.Tensor]:
     """Global-budget truncation (the paper's budget variant): keep the largest singular values across all layers.
 
     Each layer keeps at least ``r_min`` values; further values are admitted in decreasing order of σ while the
-    total cost stays within ``budget`` and each layer stays within ``r_max``.
+    total cost stays within ``budget`` and each layer stays within ``r_max``; admission stops at the first value
+    that does not fit.  The ``j``-th value of a layer (0-based) costs ``costs + cost_growth * j``, so a layer at
+    rank ``k`` costs ``k * costs + cost_growth * k (k - 1) / 2`` in total.
+
+    For a rank budget ``costs = 1``, ``cost_growth = 0``.  For a parameter budget ``costs = m + n + 1`` and
+    ``cost_growth = 2``: rank ``k`` then costs ``k (m + n + k)``, exactly the ``U`` (m, k), ``V`` (n, k) and full
+    ``S`` (k, k) that are kept and saved (going from rank ``k`` to ``k + 1`` adds ``m + n + 2k + 1``).
+
+    Vectorised, no host synchronisation.
 
     Args:
         sigmas: per group, (B_g, K_g) singular values (non-increasing per row).
-        costs: per group, (B_g,) cost of one rank in that layer (1 for a rank budget, ``m + n + 1`` for params).
+        costs: per group, (B_g,) or scalar cost of the first rank of that layer.
         budget: total cost allowed.
         r_min, r_max: per group, (B_g,) int64 bounds.
+        cost_growth: how much each further rank of a layer costs more than the previous one.
 
     Returns per group (B_g,) int64 ranks.
     """
@@ -207,11 +217,14 @@ def budget_truncation_ranks(
     hi = torch.cat(hi_rows)
     N = val.shape[0]
     idx = torch.arange(Kmax, device=device)[None, :].expand(N, Kmax)
+    # cost of the j-th value of each layer; within a layer σ is non-increasing and the sort below is stable, so a
+    # layer's values are admitted in the order of j and each admitted value is charged its own (marginal) cost
+    value_cost = cost[:, None] + float(cost_growth) * idx.to(torch.float64)  # (N, Kmax)
     forced = idx < lo[:, None]
     eligible = (idx < hi[:, None]) & ~forced & (val >= 0)
-    remaining = budget - (lo.to(torch.float64) * cost).sum()
+    remaining = budget - (value_cost * forced).sum()
     flat_val = torch.where(eligible, val, torch.full_like(val, -1.0)).flatten()
-    flat_cost = cost[:, None].expand(N, Kmax).flatten()
+    flat_cost = value_cost.flatten()
     order = torch.argsort(flat_val, descending=True, stable=True)
     cum = torch.cumsum(flat_cost[order] * (flat_val[order] >= 0), 0)
     admitted_sorted = (cum <= remaining) & (flat_val[order] >= 0)

@@ -3,7 +3,8 @@
 For a frozen map ``y = x W0^T`` the adapted map is ``y = x W0^T + s * x V S^T U^T`` (``ΔW = s * U S V^T``).
 
 The backward of the adapter does NOT write ``dL/dU``, ``dL/dV`` into ``.grad`` (those contain ``S`` and vanish at
-``S = 0``).  It writes the three directions the GeoLoRA step needs, from one backward pass (ALGORITHM.md)::
+``S = 0``).  It writes the three directions the GeoLoRA step needs, from one backward pass (the notation of
+:mod:`geolora.integrator`)::
 
     U.grad = G_M V      = s * dY^T (x V)       (out, r)   K-direction
     V.grad = G_M^T U    = s * x^T (dY U)       (in, r)    L-direction
@@ -189,9 +190,10 @@ class GeoLoRALayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
-        # Factors stay in float32 when the base is half precision (QR/SVD and the step run in >= float32 anyway);
-        # PEFT's autocast_adapter_dtype would upcast them later, this keeps creation consistent.  PEFT casts them to
+        # Factors stay in float32 when the base is half precision (QR/SVD and the step run in >= float32 anyway), as
+        # PEFT's autocast_adapter_dtype=True (its default) would upcast them afterwards anyway.  PEFT casts them to
         # the base dtype first, so restore the ORIGINAL values: a round trip through bf16 leaves U^T U - I ~ 4e-3.
+        # With autocast_adapter_dtype=False, GeoLoRAModel._cast_adapter_dtype casts them to the base dtype (as LoRA).
         names = [n for n in self.adapter_layer_names if adapter_name in getattr(self, n)]
         originals = {n: getattr(self, n)[adapter_name] for n in names}
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
@@ -202,6 +204,20 @@ class GeoLoRALayer(BaseTunerLayer):
                 if value.dtype in (torch.float16, torch.bfloat16):
                     value = value.float()
                 params[adapter_name] = nn.Parameter(value, requires_grad=params[adapter_name].requires_grad)
+
+    @torch.no_grad()
+    def cast_factors_to_base_dtype(self, adapter_name: str) -> None:
+        """Store ``U, S, V`` of ``adapter_name`` in the base layer's floating dtype (PEFT's
+        ``autocast_adapter_dtype=False``).  The GeoLoRA step still computes in at least float32; the bases are then
+        orthonormal only to the precision of that dtype (bf16: ``|U^T U - I|`` ~ 1e-2)."""
+        dtype = self.get_base_layer().weight.dtype
+        if not dtype.is_floating_point:
+            return
+        for name in self.adapter_layer_names:
+            params = getattr(self, name)
+            p = params[adapter_name]
+            if p.dtype != dtype:
+                params[adapter_name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
 
     @staticmethod
     def _sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys) -> None:

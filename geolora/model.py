@@ -81,13 +81,28 @@ class GeoLoRAModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """PEFT's ``autocast_adapter_dtype``: ``True`` keeps the factors in float32 on a half-precision base (they are
+        created so); ``False`` stores them in the base layer's dtype, as LoRA does.
+
+        Args:
+            adapter_name (`str`): The adapter name.
+            autocast_adapter_dtype (`bool`): Whether to keep float32 factors on a float16/bfloat16 base.
+        """
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        for _, layer in iter_geolora_layers(self.model):
+            if adapter_name in layer.geolora_U:
+                layer.cast_factors_to_base_dtype(adapter_name)
+
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         """Slice every layer to its live rank and write the ranks into ``config.rank_pattern``.
 
-        PeftModel.save_pretrained builds the state dict before it writes adapter_config.json, so the ranks recorded
-        here end up in the JSON (PEFT-INTEGRATION.md).
+        PeftModel.save_pretrained builds the state dict (``get_peft_model_state_dict``) before it writes
+        adapter_config.json (``peft_config.save_pretrained``), so the ranks recorded here end up in the JSON.
         """
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         ranks = {}

@@ -402,10 +402,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             ranks_local = [w["ranks"] for w in work]
             if st["rank_budget"] is not None and work and phase in ("step", "truncate"):
                 full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
+                # params: rank k of an (m, n) layer keeps k (m + n + k) values (U, V and the full k x k S)
                 costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
                 ranks_local = I.budget_truncation_ranks(
                     [w["sigma"] for w in work], costs, float(st["rank_budget"]),
                     [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
+                    cost_growth=0.0 if st["budget_type"] == "rank" else 2.0,
                 )
             sizes = [len(g.layers) for g in self._groups]
             pieces = [nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local]

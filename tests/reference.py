@@ -1,4 +1,5 @@
-"""Independent float64 reference of one GeoLoRA step (Algorithm 1, SGD), written from ALGORITHM.md only.
+"""Independent float64 reference of one GeoLoRA step (Algorithm 1, SGD, of Schotthöfer et al., ICLR 2025), written
+from the paper's algorithm only.
 
 Dense and per layer, no batching, no capacity padding: used to check geolora's batched implementation.
 """
@@ -34,7 +35,8 @@ def reference_step(U, S, V, G_M, lr, tau, r_min, r_max):
 
 
 def basis_free_step(U, S, V, G_M, lr, tau, r_min, r_max):
-    """M_new = best rank-r1 approximation of M - lr (P_U G P_[V Ṽ] + P_Ũ G P_V)  (ALGORITHM.md)."""
+    """M_new = best rank-r1 approximation of M - lr (P_U G P_[V Ṽ] + P_Ũ G P_V): the same step written without
+    bases (P_X = X X^T; ``[U Ũ] S_aug [V Ṽ]^T`` equals that matrix, so its truncated SVD is the step's result)."""
     r = U.shape[1]
     Qu, _ = torch.linalg.qr(torch.cat([U, G_M @ V], 1))
     Qv, _ = torch.linalg.qr(torch.cat([V, G_M.T @ U], 1))

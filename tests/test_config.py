@@ -169,6 +169,27 @@ def test_to_dict_json_roundtrip(tmp_path):
     assert from_dict.to_dict() == cfg.to_dict()
 
 
+@pytest.mark.parametrize("make", [GeoLoRAConfig, _rich_config], ids=["default", "rich"])
+def test_to_dict_equals_the_saved_json(tmp_path, make):
+    """PEFT's own test_config.py::test_from_json_file: ``to_dict()`` is what adapter_config.json holds (adam_betas
+    a list there); sets are written as lists by PEFT, so compare those as sets."""
+    cfg = make()
+    cfg.save_pretrained(tmp_path)
+    raw = GeoLoRAConfig.from_json_file(str(tmp_path / "adapter_config.json"))
+    as_dict = cfg.to_dict()
+    for name in ("target_modules", "exclude_modules"):
+        if isinstance(as_dict[name], set):
+            as_dict[name], raw[name] = sorted(as_dict[name]), sorted(raw[name])
+    assert as_dict == raw
+    assert as_dict["adam_betas"] == list(cfg.adam_betas) and isinstance(as_dict["adam_betas"], list)
+    if make is GeoLoRAConfig:  # exactly PEFT's assertion (no sets in a default config)
+        assert cfg.to_dict() == GeoLoRAConfig.from_json_file(str(tmp_path / "adapter_config.json"))
+    # the config itself keeps a tuple, and to_dict() does not alias the config's own containers
+    assert isinstance(cfg.adam_betas, tuple)
+    cfg.to_dict()["rank_pattern"]["x"] = 1
+    assert "x" not in cfg.rank_pattern
+
+
 def test_copy_and_pickle_roundtrip():
     cfg = _rich_config()
     for clone in (copy.copy(cfg), copy.deepcopy(cfg), pickle.loads(pickle.dumps(cfg))):

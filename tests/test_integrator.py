@@ -65,6 +65,7 @@ def test_step_invariants_float64(seed, zero_S):
     tau = 0.2
     new_ranks = I.truncation_rank(sigma, tau, 1, cap)
     tr = I.truncate(Ub.basis, Vb.basis, P, sigma, Qh, new_ranks, cap)
+    assert (new_ranks < cap).any()  # so that the zero padding below is checked on a non-empty slice
     M_aug = Ub.basis @ S_aug @ Vb.basis.transpose(1, 2)
     M_new = tr.U @ tr.S @ tr.V.transpose(1, 2)
     for b in range(B):
@@ -73,7 +74,9 @@ def test_step_invariants_float64(seed, zero_S):
         Uk, Vk = tr.U[b, :, :k], tr.V[b, :, :k]
         assert torch.allclose(Uk.T @ Uk, torch.eye(k, dtype=torch.float64), atol=1e-12)
         assert torch.allclose(Vk.T @ Vk, torch.eye(k, dtype=torch.float64), atol=1e-12)
-        assert tr.U[b, :, k:].abs().max().item() == 0 if k < cap else True  # exact zero padding
+        # exact zero padding beyond the rank (an empty slice where k == cap)
+        assert torch.count_nonzero(tr.U[b, :, k:]) == torch.count_nonzero(tr.V[b, :, k:]) == 0
+        assert torch.count_nonzero(tr.S[b, k:]) == torch.count_nonzero(tr.S[b, :, k:]) == 0
         err = (M_aug[b] - M_new[b]).norm()
         tail = sigma[b, k:].norm()
         assert torch.allclose(err, tail, atol=1e-10)  # truncation error == discarded tail
@@ -121,9 +124,68 @@ def test_budget_truncation_keeps_globally_largest():
     r = I.budget_truncation_ranks([s1, s2], [ones, ones], 5, [ones, ones], [torch.tensor(3), torch.tensor(4)])
     # forced: one per layer (9, 8, 7) = 3; then the next largest: 6, 5
     assert r[0].tolist() == [2, 1] and r[1].tolist() == [2]
-    # parameter budget: a rank in layer group 2 costs 10, in group 1 costs 1
-    r = I.budget_truncation_ranks([s1, s2], [ones, torch.tensor(10)], 13, [ones, ones], [torch.tensor(3)] * 2)
-    assert sum(int(x) for x in r[0]) + 10 * sum(int(x) for x in r[1]) <= 13
+    # per-layer costs: a rank in group 2 costs 10, in group 1 costs 1; forced 1 + 1 + 10 = 12
+    costs, caps = [ones, torch.tensor(10)], [torch.tensor(3)] * 2
+    # 13: the next largest value, 6 (group 2, cost 10), does not fit, and admission stops there (5 is not taken)
+    r = I.budget_truncation_ranks([s1, s2], costs, 13, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[1, 1], [1]]
+    # 23: 6 (10) -> 22, 5 (1) -> 23, then 4 (10) does not fit
+    r = I.budget_truncation_ranks([s1, s2], costs, 23, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[2, 1], [2]]
+    # 34: 4 (10) -> 33, then 1 (1) -> 34; group 2 is at its cap (3), so 3 is not eligible; 0.5 would not fit
+    r = I.budget_truncation_ranks([s1, s2], costs, 34, [ones, ones], caps)
+    assert [x.tolist() for x in r] == [[3, 1], [3]]
+
+
+def _greedy_budget_reference(rows, first_costs, growth, budget, r_min, r_max):
+    """Plain-Python greedy: forced r_min values per row, then values in decreasing σ (ties: row-major order), each
+    charged first_cost + growth * (its index in its row), until the first one that does not fit."""
+    ranks = [min(lo, hi, len(row)) for row, lo, hi in zip(rows, r_min, r_max)]
+    spent = sum(k * c + growth * k * (k - 1) / 2 for k, c in zip(ranks, first_costs))
+    candidates = sorted(
+        (-v, i, j) for i, row in enumerate(rows) for j, v in enumerate(row) if ranks[i] <= j < min(r_max[i], len(row))
+    )
+    for _, i, j in candidates:
+        cost = first_costs[i] + growth * j
+        if spent + cost > budget:
+            break
+        spent += cost
+        ranks[i] += 1
+    return ranks, spent
+
+
+def test_parameter_budget_charges_the_marginal_cost_of_each_rank_float64():
+    """budget_type="params": rank k of an (m, n) layer keeps k (m + n + k) parameters, so going from rank j to j + 1
+    costs m + n + 2j + 1 (first cost m + n + 1, growth 2)."""
+    s1 = torch.tensor([[9.0, 5.0, 2.5, 1.0], [8.0, 6.5, 0.5, 0.1]], dtype=torch.float64)  # (m, n) = (10, 12)
+    s2 = torch.tensor([[7.0, 6.0, 4.0]], dtype=torch.float64)  # (m, n) = (3, 10)
+    first = [torch.tensor(23), torch.tensor(14)]
+    lo, hi = [torch.tensor(1), torch.tensor(1)], [torch.tensor(4), torch.tensor(3)]
+    # forced 23 + 23 + 14 = 60; then (7 is forced already) 6.5 (row 1, j=1: 25) -> 85, 6 (group 2, j=1: 16) -> 101,
+    # 5 (row 0, j=1: 25) -> 126, 4 (group 2, j=2: 18) -> 144, 2.5 (row 0, j=2: 27) -> 171 > 160: stop
+    r = I.budget_truncation_ranks([s1, s2], first, 160, lo, hi, cost_growth=2.0)
+    assert [x.tolist() for x in r] == [[2, 2], [3]]
+    assert 2 * (22 + 2) + 2 * (22 + 2) + 3 * (13 + 3) == 144  # kept: k (m + n + k) per layer
+    # a flat m + n + 1 per rank (cost_growth 0, the rank budget's rule) charges 157 for rank 3 in row 0, which keeps
+    # 3 * 25 + 2 * 24 + 3 * 16 = 171 parameters
+    flat = I.budget_truncation_ranks([s1, s2], first, 160, lo, hi)
+    assert [x.tolist() for x in flat] == [[3, 2], [3]]
+    gen = torch.Generator().manual_seed(0)
+    for budget in (100, 122, 150, 171, 200, 250, 300, 400):  # the forced ranks cost 122
+        sig = [torch.sort(torch.rand(3, 5, generator=gen, dtype=torch.float64), descending=True).values,
+               torch.sort(torch.rand(2, 4, generator=gen, dtype=torch.float64), descending=True).values]
+        rows = [row for s in sig for row in s.tolist()]
+        firsts = [23, 23, 23, 14, 14]
+        mins, maxs = [1, 2, 1, 1, 1], [5, 4, 3, 4, 2]
+        got = I.budget_truncation_ranks(
+            sig, [torch.tensor(23), torch.tensor(14)], budget,
+            [torch.tensor([1, 2, 1]), torch.tensor([1, 1])], [torch.tensor([5, 4, 3]), torch.tensor([4, 2])],
+            cost_growth=2.0,
+        )
+        expected, spent = _greedy_budget_reference(rows, firsts, 2, budget, mins, maxs)
+        assert torch.cat(got).tolist() == expected, budget
+        forced_cost = sum(k * c + k * (k - 1) for k, c in zip([1, 2, 1, 1, 1], firsts))
+        assert spent <= max(budget, forced_cost)
 
 
 @settings(max_examples=40, deadline=None)

@@ -316,18 +316,53 @@ def test_errors_are_clear():
         geolora.create_geolora_optimizer(model, lr=0.1)
 
 
+def _augmented_singular_values(U, S, V, G_M, lr):
+    """σ of the augmented coefficient matrix of one SGD step, independently of geolora (dense, float64):
+    the singular values of M_aug = U S V^T - λ (P_U G P_[V Ṽ] + P_Ũ G P_V), 2r of them."""
+    r = U.shape[1]
+    Qu, _ = torch.linalg.qr(torch.cat([U, G_M @ V], 1))
+    Qv, _ = torch.linalg.qr(torch.cat([V, G_M.T @ U], 1))
+    Ut, VV = Qu[:, r:], Qv
+    M_aug = U @ S @ V.T - lr * (U @ U.T @ G_M @ VV @ VV.T + Ut @ Ut.T @ G_M @ V @ V.T)
+    return torch.linalg.svdvals(M_aug)[: 2 * r]
+
+
 def test_global_rank_budget():
+    """rank_budget=5 over two layers: each keeps r_min = 1, then the 3 largest of all remaining singular values win,
+    checked against σ computed independently from the layers' inputs and output gradients."""
     torch.manual_seed(0)
     model = peft.get_peft_model(
         TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd")
-    )
-    opt = geolora.create_geolora_optimizer(model, lr=0.1)
-    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
+    ).to(torch.float64)
+    lr = 0.1
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=lr)
+    layers = {name: _layer(model, name) for name in ("a", "b")}
+    seen = {}
+
+    def capture(name):
+        def hook(module, args, out):
+            seen[name] = {"x": args[0].detach()}
+            out.register_hook(lambda g: seen[name].__setitem__("dy", g.detach()))
+
+        return hook
+
+    for name, layer in layers.items():
+        layer.register_forward_hook(capture(name))
+    X, y = torch.randn(16, 10, dtype=torch.float64), torch.randint(0, 3, (16,))
     for _ in range(3):
+        before = {name: [t.detach().clone() for t in _factors(layer)] for name, layer in layers.items()}
         nn.functional.cross_entropy(model(X), y).backward()
+        sigmas = {}
+        for name, layer in layers.items():
+            G_M = layer.scaling["default"] * seen[name]["dy"].T @ seen[name]["x"]  # dL/dM
+            sigmas[name] = _augmented_singular_values(*before[name], G_M, lr).tolist()
+        # one value per layer is forced (r_min = 1); the other 3 of the budget go to the largest of the rest
+        rest = sorted(((v, name) for name, sig in sigmas.items() for v in sig[1:8]), reverse=True)[:3]
+        expected = {name: 1 + sum(1 for _, n in rest if n == name) for name in layers}
         opt.step()
         opt.zero_grad()
-        assert sum(geolora.get_ranks(model).values()) <= 5
+        assert geolora.get_ranks(model) == expected
+        assert sum(expected.values()) == 5
 
 
 def test_lr_overflow_from_finite_gradients_skips_the_step():

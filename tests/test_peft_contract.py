@@ -454,13 +454,74 @@ def test_half_precision_base_with_fp32_factors(name, dtype, tiny_specs):
         torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1]), rtol=0, atol=1e-5)
 
 
+def _factor_tensors(model) -> list[torch.Tensor]:
+    kinds = ("geolora_U", "geolora_S", "geolora_V")
+    return [getattr(layer, kind)["default"] for layer in _layers(model).values() for kind in kinds]
+
+
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
+def test_autocast_adapter_dtype_on_a_bf16_base_is_honoured_like_lora(autocast, tiny_specs, tmp_path):
+    """``autocast_adapter_dtype=True`` (PEFT's default): factors in float32.  ``False``: factors in the base dtype,
+    as LoRA's are; the GeoLoRA step still computes in float32 and keeps the bases orthonormal to bf16 precision."""
+    from peft import LoraConfig
+
+    spec = tiny_specs["bert"]
+    lora = get_peft_model(
+        spec.build().to(torch.bfloat16), LoraConfig(r=4, target_modules=list(spec.target_modules)),
+        autocast_adapter_dtype=autocast,
+    )
+    lora_dtypes = {p.dtype for n, p in lora.named_parameters() if "lora_" in n}
+    expected = torch.float32 if autocast else torch.bfloat16
+    assert lora_dtypes == {expected}  # the reference behaviour
+    torch.manual_seed(0)
+    model = get_peft_model(spec.build().to(torch.bfloat16), _config(spec), autocast_adapter_dtype=autocast)
+    assert {f.dtype for f in _factor_tensors(model)} == {expected}
+    inputs = spec.inputs()
+    opt = geolora.create_geolora_optimizer(model, lr=HEAD_LR, geolora_lr=GEOLORA_LR)
+    for _ in range(3):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = spec.loss(model, inputs)
+        assert torch.isfinite(loss)
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad()
+    assert {f.dtype for f in _factor_tensors(model)} == {expected}  # the step writes back in the factors' dtype
+    ranks = geolora.get_ranks(model)
+    assert ranks and all(1 <= k <= 8 for k in ranks.values())
+    for layer in _layers(model).values():
+        k = layer.r["default"]
+        for basis in (layer.geolora_U["default"][:, :k], layer.geolora_V["default"][:, :k]):
+            assert torch.isfinite(basis).all()
+            err = (basis.double().T @ basis.double() - torch.eye(k, dtype=torch.float64)).abs().max().item()
+            assert err < (1e-5 if autocast else 1e-2), err
+    # loading honours it too
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(spec.build().to(torch.bfloat16), str(tmp_path), autocast_adapter_dtype=autocast)
+    assert {f.dtype for f in _factor_tensors(loaded)} == {expected}
+    assert geolora.get_ranks(loaded) == ranks
+
+
 def test_optimizer_after_a_forward_whose_output_is_still_alive(tiny_specs):
     spec = tiny_specs["cnn"]
     model = get_peft_model(spec.build(), _config(spec))
     inputs = spec.inputs()
+    before = {name: (layer.capacity("default"), layer.geolora_U["default"]) for name, layer in _layers(model).items()}
     sanity_check = spec.forward(model, inputs)  # e.g. a user looks at the outputs before training
-    _train(model, spec, steps=1, inputs=inputs)  # capacity grows here; the old graph must not pin the shapes
-    del sanity_check
+    expected = sanity_check.detach().clone()
+    opt = _train(model, spec, steps=1, inputs=inputs)  # capacity grows here; the old graph must not pin the shapes
+    assert opt.num_steps == 1 and opt.skipped_steps == 0
+    for name, layer in _layers(model).items():
+        old_capacity, old_U = before[name]
+        # grown to r_max in new Parameter objects (the live graph keeps the old, smaller ones)
+        assert old_capacity == 4 and layer.capacity("default") == layer.r_max["default"] > 4, name
+        assert layer.geolora_U["default"] is not old_U and old_U.shape[1] == 4, name
+        k = layer.r["default"]
+        U = layer.geolora_U["default"][:, :k]
+        torch.testing.assert_close(U.T @ U, torch.eye(k), rtol=0, atol=1e-5)
+    # the step trained the adapter, and the output kept alive was left as it was
+    with torch.no_grad():
+        assert not torch.equal(spec.forward(model, inputs), expected)
+    torch.testing.assert_close(sanity_check.detach(), expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------- export
@@ -512,6 +573,19 @@ def test_export_as_lora_loads_in_stock_peft_without_geolora(name, trained, lora_
         assert tensors[f"base_model.model.{layer_name}.lora_A.weight"].shape[0] == k
         assert tensors[f"base_model.model.{layer_name}.lora_B.weight"].shape[1] == k
     assert not any("geolora" in key for key in tensors)
+
+
+def test_export_lists_each_module_to_save_once(trained, tmp_path):
+    """PEFT appends its task defaults (SEQ_CLS: classifier, score) to modules_to_save on every get_peft_model /
+    from_pretrained, so a reloaded adapter's config holds duplicates; the exported LoRA config names each once."""
+    t = trained["bert"]
+    loaded = PeftModel.from_pretrained(_load_base(t.spec, t.base_dir), str(t.adapter_dir))
+    assert loaded.peft_config["default"].modules_to_save.count("classifier") > 1  # the duplicates come from PEFT
+    geolora.export_as_lora(loaded, tmp_path)
+    exported = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert exported["modules_to_save"] == ["classifier", "score"]
+    first = json.loads((t.export_dir / "adapter_config.json").read_text())
+    assert first["modules_to_save"] == ["classifier", "score"]
 
 
 def test_export_of_merged_model_raises(tiny_specs, tmp_path):

@@ -1,5 +1,5 @@
 """Reliability (issue #6): non-finite gradients, degenerate inputs to the step, long-run numerics, checkpoints and
-faults, bad input.  Each test here fails when the protection it covers is removed (see docs/guarantees.md).
+faults, bad input.  Each test here fails when the protection it covers is removed.
 
 Defined results of degenerate inputs (GeoLoRAOptimizer.step, checked below):
 
