@@ -15,6 +15,7 @@ from peft.utils import CONFIG_NAME
 from ._peft_compat import ensure_peft_type_member
 
 S_UPDATES = ("adam", "sgd")
+SCALE_BY = ("r_max", "r")
 BUDGET_TYPES = ("rank", "params")
 BIAS_CHOICES = ("none", "all", "geolora_only")
 
@@ -37,7 +38,7 @@ class GeoLoRAConfig(PeftConfig):
     efficient fine-tuning", ICLR 2025).
 
     Each adapted weight is ``W0 + s * U S V^T`` with orthonormal ``U`` (out x r), ``V`` (in x r) and a small
-    coefficient matrix ``S`` (r x r), ``s = lora_alpha / r``.  Every optimizer step augments the bases with the
+    coefficient matrix ``S`` (r x r), ``s = lora_alpha / r_max``.  Every optimizer step augments the bases with the
     gradient directions and truncates ``S`` by SVD, so each layer finds its own rank in ``[r_min, r_max]``.
 
     Args:
@@ -46,7 +47,8 @@ class GeoLoRAConfig(PeftConfig):
         r_min (`int`): Smallest rank a layer is truncated to.
         tau (`float`): Relative truncation tolerance in [0, 1): a layer keeps the fewest singular values whose
             discarded tail has norm <= tau * (norm of all singular values).
-        lora_alpha (`float`): Scaling numerator; `s = lora_alpha / r`, constant for the whole run.
+        lora_alpha (`float`): Scaling numerator; `s = lora_alpha / r_max`, constant for the whole run.
+        scale_by (`str`): `"r_max"` (default) or `"r"` (the initial rank; adapters saved before this field).
         lora_dropout (`float`): Dropout on the adapter input.
         s_update (`str`): How the coefficients are updated: `"sgd"` is the paper's Algorithm 1 exactly, `"adam"`
             is Adam on S with moments rotated into each new basis (see `geolora.optim`).
@@ -71,7 +73,19 @@ class GeoLoRAConfig(PeftConfig):
     )
     lora_alpha: float = field(
         default=8,
-        metadata={"help": "Scaling numerator: the update is scaled by s = lora_alpha / r, constant in training."},
+        metadata={
+            "help": "Scaling numerator: the update is scaled by s = lora_alpha / r_max (see scale_by), constant in "
+            "training."
+        },
+    )
+    scale_by: Optional[Literal["r_max", "r"]] = field(
+        default=None,
+        metadata={
+            "help": "Denominator of the scale s = lora_alpha / (r_max or r). 'r_max' (the default for new adapters): "
+            "the scale does not depend on the initial rank, which then only sets where each layer starts. 'r' "
+            "(the initial rank, like LoRA): the rule of adapters saved before this field existed, which are loaded "
+            "with it; it makes the effective step size depend on the initial rank."
+        },
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout probability applied to the adapter input."})
     target_modules: Optional[Union[list[str], str]] = field(
@@ -182,6 +196,10 @@ class GeoLoRAConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.scale_by is None:
+            # A config read from adapter_config.json arrives with its peft_type set; one saved before scale_by existed
+            # lacks the field and was trained with s = lora_alpha / r.  A new config (peft_type unset) gets r_max.
+            self.scale_by = "r" if self.peft_type is not None else "r_max"
         self.peft_type = ensure_peft_type_member()
         self._validate()
         if isinstance(self.target_modules, list):
@@ -227,6 +245,8 @@ class GeoLoRAConfig(PeftConfig):
         for name in ("fan_in_fan_out", "init_weights", "static_shapes"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "expected a bool", TypeError)
+        if self.scale_by not in SCALE_BY:
+            _fail("scale_by", self.scale_by, f"must be one of {SCALE_BY}")
         if self.s_update not in S_UPDATES:
             _fail("s_update", self.s_update, f"must be one of {S_UPDATES}")
         betas = self.adam_betas
@@ -307,5 +327,6 @@ class GeoLoRAConfig(PeftConfig):
 
     @property
     def scaling(self) -> float:
-        """``s = lora_alpha / r`` with r the configured initial rank (constant during training)."""
-        return self.lora_alpha / self.r
+        """``s = lora_alpha / r_max`` (``scale_by="r_max"``) or ``lora_alpha / r`` (``"r"``, the initial rank);
+        constant during training: a truncation never changes it."""
+        return self.lora_alpha / (self.r_max if self.scale_by == "r_max" else self.r)

@@ -174,7 +174,7 @@ class GeoLoRALayer(BaseTunerLayer):
         self.r[adapter_name] = r
         self.r_max[adapter_name] = r_max
         self.r_min[adapter_name] = min(config.r_min, r_max)
-        self.scaling[adapter_name] = config.lora_alpha / config.r
+        self.scaling[adapter_name] = config.scaling  # constant: a rank change never rescales
         self.static_shapes = config.static_shapes
         dropout = nn.Dropout(p=config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.geolora_dropout[adapter_name] = dropout

@@ -28,7 +28,9 @@ def test_defaults_and_derived_values():
     cfg = GeoLoRAConfig(r=4, lora_alpha=8, target_modules=["query", "value"])
     assert cfg.peft_type is PeftType.GEOLORA
     assert cfg.r_max == 8  # default 2 * r
-    assert cfg.scaling == 2.0
+    assert cfg.scale_by == "r_max" and cfg.scaling == 1.0  # lora_alpha / r_max: independent of the initial rank
+    assert GeoLoRAConfig(r=2, r_max=8, lora_alpha=8).scaling == GeoLoRAConfig(r=8, r_max=8, lora_alpha=8).scaling
+    assert GeoLoRAConfig(r=4, lora_alpha=8, scale_by="r").scaling == 2.0  # lora_alpha / r, the old rule
     assert cfg.target_modules == {"query", "value"}
     assert cfg.rank_pattern == {}
     assert GeoLoRAConfig(rank_pattern=None).rank_pattern == {}
@@ -239,3 +241,35 @@ def test_config_is_exported_and_registered():
     assert geolora.GeoLoRAConfig is GeoLoRAConfig
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.GEOLORA] is GeoLoRAConfig
     assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.GEOLORA] == "geolora_"
+
+
+def test_scale_by_is_validated_and_an_adapter_saved_before_it_loads_with_the_old_rule(tmp_path):
+    """Adapters saved before ``scale_by`` existed were trained with s = lora_alpha / r: they must load with it, and
+    give the outputs they gave when saved; a config written now records its rule explicitly."""
+    import json
+
+    import peft
+    import torch
+    from torch import nn
+
+    with pytest.raises(ValueError, match=_msg("scale_by", "rank")):
+        GeoLoRAConfig(scale_by="rank")
+
+    def base():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
+
+    old = peft.get_peft_model(base(), GeoLoRAConfig(r=2, r_max=6, lora_alpha=8, scale_by="r", init_weights=False,
+                                                    target_modules=["0", "2"]))
+    x = torch.randn(5, 10)
+    expected = old(x)
+    old.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    assert saved["scale_by"] == "r"
+    del saved["scale_by"]  # what an adapter written before the field looks like
+    path.write_text(json.dumps(saved))
+    loaded = peft.PeftModel.from_pretrained(base(), tmp_path)
+    assert loaded.peft_config["default"].scale_by == "r"
+    assert {m.scaling["default"] for m in loaded.modules() if hasattr(m, "geolora_S")} == {4.0}
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=0)

@@ -17,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 import geolora
 from geolora import GeoLoRAConfig, GeoLoRALayer
 
-R, ALPHA = 3, 6.0  # s = ALPHA / R = 2 (not 1, so a missing scale factor shows)
+R, ALPHA = 3, 6.0  # r_max = R: s = ALPHA / r_max = 2 (not 1, so a missing scale factor shows)
 
 
 class _Holder(nn.Module):
@@ -61,7 +61,7 @@ def _dense_forward(kind: str, base: nn.Module, x: torch.Tensor, delta: torch.Ten
 def _adapted_layer(kind: str, random_s: bool) -> GeoLoRALayer:
     model = get_peft_model(
         _Holder(_make_base(kind)),
-        GeoLoRAConfig(r=R, lora_alpha=ALPHA, target_modules=["layer"], fan_in_fan_out=kind == "conv1d"),
+        GeoLoRAConfig(r=R, r_max=R, lora_alpha=ALPHA, target_modules=["layer"], fan_in_fan_out=kind == "conv1d"),
     )
     model = model.double()
     layer = model.base_model.model.layer

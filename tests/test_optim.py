@@ -98,7 +98,7 @@ def test_rank_recovery_sgd(r0):
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=r0, tau=0.01, target_modules=["lin"], s_update="sgd")
+        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="sgd")
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.2)
     X, Y = _synthetic()
@@ -117,7 +117,7 @@ def test_adam_s_update_trains_and_keeps_invariants():
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=2, tau=0.01, target_modules=["lin"], s_update="adam")
+        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="adam")
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.02)
     X, Y = _synthetic()
@@ -144,7 +144,8 @@ def test_adam_s_update_trains_and_keeps_invariants():
 def test_orthonormality_2000_steps_and_zero_padding(s_update):
     torch.manual_seed(0)
     model = peft.get_peft_model(
-        TwoLayer(), geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update)
+        TwoLayer(),
+        geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update, scale_by="r"),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.05 if s_update == "sgd" else 5e-3)
     gen = torch.Generator().manual_seed(1)
