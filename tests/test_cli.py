@@ -457,6 +457,19 @@ def test_console_script_error_exit_in_a_fresh_process(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("geolora inspect: error:")
 
 
+def test_python_dash_m_geolora_runs_the_command_line():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "geolora", "--version"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("geolora ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "geolora", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and "usage: geolora" in proc.stdout and "export-lora" in proc.stdout
+
+
 # ------------------------------------------------------------------------------------------------ distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
 def test_train_under_two_process_torchrun(assets, tmp_path):
