@@ -79,12 +79,13 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    task: str = field(
-        default="election-tweets",
+    task: Optional[str] = field(
+        default=None,
         metadata={
             "help": "election-tweets, reuters-r8, 20newsgroups, bbc-news (offline, `make assets`); local (your "
             "CSV/JSON/JSONL files); a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: Hub, or local "
-            "files in GLUE's columns); digits, mnist, imagefolder (offline images); cifar10, cifar100 (Hub)."
+            "files in GLUE's columns); digits, mnist, imagefolder (offline images); cifar10, cifar100 (Hub). "
+            "Default: local when --data_dir/--train_file/--validation_file is given, else election-tweets."
         },
     )
     data_dir: Optional[str] = field(
@@ -388,8 +389,11 @@ def _metrics_fn(data):
 
 
 def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None):
-    from .data import DataError, load_task
+    from .data import DataError, infer_task, load_task
 
+    data_args.task = infer_task(
+        data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file
+    )  # recorded resolved, so `geolora eval` reloads the same task
     try:
         data = load_task(
             data_args.task,

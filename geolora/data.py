@@ -498,6 +498,44 @@ def load_cifar(name: str) -> TaskData:
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
+DEFAULT_TASK = "election-tweets"
+# the path options each task reads; a path given to a task that does not read it is an error, never ignored
+_PATH_OPTIONS = ("data_dir", "train_file", "validation_file")
+TASK_PATHS: dict[str, tuple[str, ...]] = {
+    **{t: () for t in ALL_TASKS},
+    "local": _PATH_OPTIONS,
+    **{t: _PATH_OPTIONS for t in GLUE_TASKS},
+    "imagefolder": ("data_dir",),
+}
+
+
+def infer_task(
+    task: Optional[str],
+    data_dir: Optional[str] = None,
+    train_file: Optional[str] = None,
+    validation_file: Optional[str] = None,
+) -> str:
+    """The task to load: ``task`` if given; else ``"local"`` when data paths are given, else :data:`DEFAULT_TASK`.
+
+    Args:
+        task (`str`, *optional*): The task named by the user (``None``: not named).
+        data_dir, train_file, validation_file (`str`, *optional*): The data paths named by the user.
+    """
+    if task:
+        return task
+    return "local" if (data_dir or train_file or validation_file) else DEFAULT_TASK
+
+
+def _reject_unread_paths(task: str, paths: dict[str, Optional[str]]) -> None:
+    unread = [name for name, value in paths.items() if value and name not in TASK_PATHS.get(task, _PATH_OPTIONS)]
+    if unread:
+        flags = ", ".join(f"--{n}" for n in unread)
+        raise DataError(
+            f"task '{task}' does not read {flags}; use --task local for your own text files (or "
+            f"--task imagefolder --data_dir for an image folder), or drop {flags}"
+        )
+
+
 def load_task(
     task: str,
     *,
@@ -523,6 +561,7 @@ def load_task(
         "cifar10": lambda: load_cifar("cifar10"),
         "cifar100": lambda: load_cifar("cifar100"),
     }
+    _reject_unread_paths(task, {"data_dir": data_dir, "train_file": train_file, "validation_file": validation_file})
     if task == "local":
         if data_dir and not train_file:
             train_file, validation_file = find_split_files(data_dir)
@@ -658,6 +697,7 @@ __all__ = [
     "GLUE_TASKS",
     "DataError",
     "TaskData",
+    "infer_task",
     "compute_metrics",
     "load_task",
     "load_election_tweets",

@@ -139,12 +139,10 @@ def assets(tmp_path_factory):
 def trained(assets):
     """One text adapter trained through the CLI, shared by the tests of the other subcommands."""
     out = assets["root"] / "run-text"
-    rc, stdout, stderr = run_cli(
+    rc, stdout, stderr = run_cli(  # no --task: the data dir alone selects the local task
         "train",
         "--model_name_or_path",
         assets["bert"],
-        "--task",
-        "local",
         "--data_dir",
         assets["text"],
         "--output_dir",
@@ -193,6 +191,50 @@ def test_train_writes_adapter_metrics_plot_and_card(trained):
     assert meta["library_name"] == "peft" and meta["tags"] == ["geolora", "peft"]
     assert meta["base_model"] == cfg["base_model_name_or_path"]
     assert "import geolora" in card and "export-lora" in card and '"tau": 0.1' in card
+
+
+def test_data_files_on_the_command_line_select_the_local_task(trained, assets):
+    out, _ = trained
+    info = json.loads((out / cli.RUN_INFO).read_text())
+    assert info["task"] == "local" and info["data_args"]["task"] == "local"
+    assert info["label_names"] == ["neg", "pos"] and str(assets["text"]) in info["data_source"]
+    assert info["num_train_examples"] == 48
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--train_file", "{root}/nope.csv", "--validation_file", "{root}/nope.csv"], r"'.*nope\.csv': no such file"),
+        (["--train_file", "{text}/train.csv", "--validation_file", "{root}/nope.csv"], r"'.*nope\.csv': no such file"),
+        (["--data_dir", "{root}/no_such_dir"], r"--data_dir '.*no_such_dir' is not a readable directory"),
+        (["--train_file", "{text}/train.csv"], r"task 'local' needs --validation_file"),
+        (["--task", "election-tweets", "--data_dir", "{text}"], r"task 'election-tweets' does not read --data_dir"),
+        (["--task", "digits", "--train_file", "{text}/train.csv"], r"task 'digits' does not read --train_file"),
+        (["--task", "imagefolder", "--data_dir", "{text}", "--train_file", "{text}/train.csv"], r"does not read"),
+    ],
+    ids=[
+        "missing-both",
+        "missing-validation",
+        "missing-dir",
+        "train-only",
+        "builtin-with-dir",
+        "builtin-with-file",
+        "imagefolder-with-file",
+    ],
+)
+def test_data_paths_are_used_or_rejected_never_ignored(argv, pattern, assets, tmp_path):
+    """Files given on the command line are never silently replaced by the default tweets."""
+    import re
+
+    fmt = {k: str(v) for k, v in assets.items()}
+    rc, _, err = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--output_dir", tmp_path, *[a.format(**fmt) for a in argv],
+        *FAST,
+    )
+    lines = [line for line in err.splitlines() if line.startswith("geolora train: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "adapter_config.json").exists()
 
 
 def test_eval_reproduces_training_metric(trained):
