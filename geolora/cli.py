@@ -110,45 +110,106 @@ class DataArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and the subsets."})
 
 
-@dataclass
-class GeoLoRAArguments:
-    r: int = field(default=8, metadata={"help": "Initial rank of every adapted layer."})
-    r_max: Optional[int] = field(default=16, metadata={"help": "Largest rank a layer may reach (default 2r)."})
-    r_min: int = field(default=1, metadata={"help": "Smallest rank."})
-    tau: float = field(default=0.1, metadata={"help": "Relative truncation tolerance in [0, 1)."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator, s = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    target_modules: list[str] = field(
-        default_factory=lambda: list(BERT_TARGETS),
-        metadata={"help": "Module names to adapt (suffix match); 'all-linear' for every linear layer."},
-    )
-    modules_to_save: list[str] = field(
-        default_factory=lambda: ["classifier"], metadata={"help": "Modules trained in full and saved (the head)."}
-    )
-    s_update: str = field(default="adam", metadata={"help": "'adam' or 'sgd' (the paper's Algorithm 1)."})
-    rank_budget: Optional[int] = field(default=None, metadata={"help": "Global rank budget instead of per-layer tau."})
+# GeoLoRAConfig fields that are not options of `geolora train` (PeftConfig's own fields are not either: train sets
+# task_type and PEFT records the base model); every other GeoLoRAConfig field is one, generated below.
+NOT_CLI_FIELDS = {
+    "rank_pattern": "written with the final per-layer ranks on save; a fresh run starts every layer at r",
+    "fan_in_fan_out": "set automatically for Conv1D layers",
+    "init_weights": "False is for tests only",
+}
+# The only defaults that differ from GeoLoRAConfig's: the config leaves them model-dependent (None), the command
+# line's built-in quick start adapts a BERT (all-MiniLM-L6-v2) and trains its classification head.
+CLI_DEFAULTS = {"target_modules": BERT_TARGETS, "modules_to_save": ["classifier"]}
+# list-or-str fields of the config: several names on the command line, or one regex / 'all-linear' (passed as a str)
+_NAMES_OR_REGEX = ("target_modules", "exclude_modules")
+_REGEX_CHARS = set("*+?[](){}|^$\\")
 
-    def to_config(self, task_type: Optional[str]):
-        from .config import GeoLoRAConfig
 
-        targets = self.target_modules
-        target = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else targets
-        try:
-            return GeoLoRAConfig(
-                r=self.r,
-                r_max=self.r_max,
-                r_min=self.r_min,
-                tau=self.tau,
-                lora_alpha=self.lora_alpha,
-                lora_dropout=self.lora_dropout,
-                target_modules=target,
-                modules_to_save=list(self.modules_to_save),
-                s_update=self.s_update,
-                rank_budget=self.rank_budget,
-                task_type=task_type,
-            )
-        except (TypeError, ValueError) as e:
-            raise UserError(str(e)) from None
+def _cli_type(tp):
+    """A type HfArgumentParser can parse for a GeoLoRAConfig field type: ``Union[list[X], X]`` -> ``list[X]``,
+    ``tuple[X, ...]`` -> ``list[X]``; ``Optional`` is kept."""
+    import typing
+
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) is typing.Union and type(None) in args
+    if optional:
+        rest = [a for a in args if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists:
+            tp = lists[0]
+    if typing.get_origin(tp) is tuple:
+        tp = list[typing.get_args(tp)[0]]
+    return Optional[tp] if optional else tp
+
+
+def _geolora_arguments_class():
+    """The GeoLoRA options of ``geolora train``: a dataclass generated from GeoLoRAConfig's own fields, with their
+    help texts and defaults (except :data:`CLI_DEFAULTS`), so the command line cannot drift from the config."""
+    import dataclasses
+    import typing
+
+    from peft.config import PeftConfig
+
+    from .config import GeoLoRAConfig
+
+    hints = typing.get_type_hints(GeoLoRAConfig)
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    specs = []
+    for f in dataclasses.fields(GeoLoRAConfig):
+        if f.name in peft_fields or f.name in NOT_CLI_FIELDS:
+            continue
+        tp = _cli_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        if f.name in _NAMES_OR_REGEX:
+            help_ += " On the command line: one or more names, or one regex (a value with regex characters)."
+        if f.name in CLI_DEFAULTS:
+            value = CLI_DEFAULTS[f.name]
+            help_ += " The command line's default (below) is the built-in quick start's (a BERT)."
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, (list, tuple)):
+            default = field(default_factory=lambda v=list(value): list(v), metadata={"help": help_})
+        else:
+            default = field(default=value, metadata={"help": help_})
+        specs.append((f.name, tp, default))
+    cls = dataclasses.make_dataclass("GeoLoRAArguments", specs, namespace={"to_config": _to_config})
+    cls.__module__ = __name__
+    cls.__doc__ = "GeoLoRAConfig's fields as options of `geolora train` (generated; see NOT_CLI_FIELDS)."
+    return cls
+
+
+def _names_or_regex(value):
+    if isinstance(value, list) and len(value) == 1 and (value[0] == "all-linear" or _REGEX_CHARS & set(value[0])):
+        return value[0]
+    return value
+
+
+def _to_config(self, task_type: Optional[str]):
+    """The :class:`geolora.GeoLoRAConfig` of these options (validation errors become :class:`UserError`)."""
+    import dataclasses
+
+    from .config import GeoLoRAConfig
+
+    kwargs = {}
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name)
+        if f.name in _NAMES_OR_REGEX:
+            value = _names_or_regex(value)
+        elif f.name == "adam_betas" and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, list):
+            value = list(value)
+        kwargs[f.name] = value
+    try:
+        return GeoLoRAConfig(**kwargs, task_type=task_type)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+GeoLoRAArguments = _geolora_arguments_class()
 
 
 @dataclass

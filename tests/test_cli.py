@@ -407,6 +407,78 @@ def test_config_file_and_overrides(tmp_path):
     assert model.model_name_or_path == "all-MiniLM-L6-v2"
 
 
+# a non-default value for every GeoLoRAConfig option of `geolora train`: (command-line values, config value)
+KNOB_VALUES = {
+    "r": (["4"], 4),
+    "r_max": (["12"], 12),
+    "r_min": (["2"], 2),
+    "tau": (["0.25"], 0.25),
+    "lora_alpha": (["16"], 16),
+    "lora_dropout": (["0.1"], 0.1),
+    "target_modules": (["query", "value"], {"query", "value"}),
+    "exclude_modules": (["key"], {"key"}),
+    "layers_to_transform": (["0", "1"], [0, 1]),
+    "layers_pattern": (["layer"], ["layer"]),
+    "modules_to_save": (["classifier", "pooler"], ["classifier", "pooler"]),
+    "bias": (["geolora_only"], "geolora_only"),
+    "s_update": (["sgd"], "sgd"),
+    "adam_betas": (["0.8", "0.99"], (0.8, 0.99)),
+    "adam_eps": (["1e-6"], 1e-6),
+    "rank_budget": (["20"], 20),
+    "budget_type": (["params"], "params"),
+    "reorthonormalize_every": (["7"], 7),
+    "sync_factors_every": (["3"], 3),
+    "static_shapes": (["true"], True),
+}
+
+
+def test_every_geolora_config_knob_is_a_train_option_with_the_config_default():
+    """The GeoLoRA options are GeoLoRAConfig's own fields: same names, help texts and defaults."""
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from geolora import GeoLoRAConfig
+
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    knobs = {f.name: f for f in dataclasses.fields(GeoLoRAConfig) if f.name not in peft_fields}
+    assert set(knobs) - set(cli.NOT_CLI_FIELDS) == set(KNOB_VALUES)
+    assert set(cli.NOT_CLI_FIELDS) == {"rank_pattern", "fan_in_fan_out", "init_weights"}
+    _, _, geo, _ = cli.parse_train_args([])
+    for name in KNOB_VALUES:
+        f = knobs[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        expected = cli.CLI_DEFAULTS.get(name, list(default) if isinstance(default, tuple) else default)
+        assert getattr(geo, name) == expected, name
+    assert set(cli.CLI_DEFAULTS) == {"target_modules", "modules_to_save"}
+    # the resolved config equals GeoLoRAConfig's defaults (r_max = 2r, not a second default of the CLI)
+    ours = geo.to_config("SEQ_CLS").to_dict()
+    theirs = GeoLoRAConfig(task_type="SEQ_CLS", **cli.CLI_DEFAULTS).to_dict()
+    assert ours == theirs and ours["r_max"] == 16
+    _, _, geo, _ = cli.parse_train_args(["--r", "4"])
+    assert geo.to_config("SEQ_CLS").r_max == 8
+    # every knob settable from the command line, each with the config's help text
+    argv = [a for name, (values, _) in KNOB_VALUES.items() for a in (f"--{name}", *values)]
+    _, _, geo, _ = cli.parse_train_args(argv)
+    config = geo.to_config("SEQ_CLS")
+    for name, (_, value) in KNOB_VALUES.items():
+        assert getattr(config, name) == value, name
+    rc, out, _ = run_cli("train", "--help")
+    flat = " ".join(out.split())
+    for name, f in knobs.items():
+        if name in KNOB_VALUES:
+            assert f"--{name}" in out and " ".join(f.metadata["help"].split()) in flat, name
+
+
+def test_a_single_regex_or_all_linear_target_is_passed_as_a_string():
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", r".*\.(query|value)"])
+    assert geo.to_config("SEQ_CLS").target_modules == r".*\.(query|value)"
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", "all-linear"])
+    assert geo.to_config("SEQ_CLS").target_modules == "all-linear"
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", "attention.output.dense"])
+    assert geo.to_config("SEQ_CLS").target_modules == {"attention.output.dense"}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_say_how_to_run(path):
     text = path.read_text()
