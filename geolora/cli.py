@@ -328,7 +328,7 @@ def parse_train_args(argv: list[str]):
 # ----------------------------------------------------------------------------------------------- models
 def resolve_model(name: str) -> str:
     """Local folder or Hub id; packaged models (``all-MiniLM-L6-v2``) resolve to their installed folder."""
-    if name in BUILTIN_MODELS and not Path(name).exists():
+    if _is_packaged(name):
         module, spec, hub_id = BUILTIN_MODELS[name]
         try:
             mod = __import__(module)
@@ -345,6 +345,11 @@ def resolve_model(name: str) -> str:
 
 def _hub_id(name: str) -> str:
     return BUILTIN_MODELS[name][2] if name in BUILTIN_MODELS else name
+
+
+def _is_packaged(name: str) -> bool:
+    """True if ``name`` is one of the models that ship inside a package (resolved by :func:`resolve_model`)."""
+    return name in BUILTIN_MODELS and not Path(name).exists()
 
 
 def _load_base_model(path: str, modality: str, label_names: list[str]):
@@ -527,6 +532,10 @@ def cmd_train(argv: list[str]) -> int:
         model = get_peft_model(base, config)
     except ValueError as e:
         raise UserError(f"cannot apply GeoLoRA to '{model_args.model_name_or_path}': {_first_line(e)}") from None
+    if _is_packaged(model_args.model_name_or_path):
+        # PEFT records the folder the weights came from (inside site-packages); record the portable Hub id instead,
+        # which loading (load_adapter_model / resolve_model) maps back to the packaged copy when it is installed
+        model.peft_config[model.active_adapter].base_model_name_or_path = _hub_id(model_args.model_name_or_path)
     train_ds, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
 
     callback = GeoLoRACallback()
@@ -549,7 +558,9 @@ def cmd_train(argv: list[str]) -> int:
 
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    # GeoLoRA never adapts embeddings and train never resizes them: no need for PEFT's "auto" check, which looks the
+    # (portable) base id up on the Hub and warns offline
+    model.save_pretrained(out, save_embedding_layers=False)
     preprocessor.save_pretrained(out)
     ranks = get_ranks(model)
     metrics = {k[len("eval_") :]: v for k, v in eval_metrics.items() if k[len("eval_") :] in data.metric_names}

@@ -296,6 +296,43 @@ def test_export_lora_and_merge_match_the_adapter(trained, tmp_path):
     torch.testing.assert_close(_logits(merged, tok), reference, atol=1e-5, rtol=1e-4)
 
 
+def test_packaged_base_model_is_recorded_by_its_hub_id_and_still_loads_offline(assets, tmp_path, monkeypatch):
+    """A model that ships in a package (here a fake package holding the tiny BERT) is recorded in
+    adapter_config.json by its portable Hub id, not the installed folder; loading resolves the id back to the
+    packaged copy, so eval, export-lora and merge work offline from the adapter folder alone."""
+    import types
+
+    package = types.ModuleType("geolora_test_packaged_model")
+    package.get_model_path = lambda: assets["bert"]
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    entry = (package.__name__, "geolora-test-packaged-model==0.1", "someone/tiny-bert")
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny-packaged", entry)
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "someone/tiny-bert", entry)
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", "tiny-packaged", "--data_dir", assets["text"], "--output_dir", out]
+    rc, _, stderr = run_cli(*argv, *FAST)
+    assert rc == 0, stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "someone/tiny-bert"
+    assert "base_model: someone/tiny-bert" in (out / "README.md").read_text()
+
+    moved = tmp_path / "adapter-only"  # what a Hub download of the adapter gives: no geolora_run.json
+    moved.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / name, moved / name)
+    model, _, _ = cli.load_adapter_model(str(moved))
+    assert model.peft_config["default"].base_model_name_or_path == "someone/tiny-bert"
+    rc, stdout, stderr = run_cli("eval", out)
+    assert rc == 0 and "accuracy" in stdout, stderr
+    rc, _, stderr = run_cli("export-lora", moved, tmp_path / "lora")
+    assert rc == 0, stderr
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "someone/tiny-bert"
+    )
+    rc, _, stderr = run_cli("merge", moved, tmp_path / "merged")
+    assert rc == 0 and (tmp_path / "merged" / "config.json").is_file(), stderr
+
+
 def test_train_sentence_pairs_in_glue_format(assets, tmp_path):
     rc, stdout, stderr = run_cli(
         "train",
