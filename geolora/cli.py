@@ -488,6 +488,35 @@ def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None
     return data
 
 
+# ----------------------------------------------------------------------------------------------- requirements
+def _check_metric_packages(data) -> None:
+    """Stop before any work if a package the task's metrics need cannot be imported (not after training)."""
+    from .data import missing_metric_packages
+
+    missing = missing_metric_packages(data.metric_names)
+    if missing:
+        pip_name, metrics = missing[0]
+        raise UserError(
+            f"{pip_name} is not installed and task '{data.name}' needs it for its metric(s) {', '.join(metrics)}: "
+            f"pip install {' '.join(name for name, _ in missing)}"
+        )
+
+
+def _warn(command: str, message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate launch
+        print(f"geolora {command}: warning: {message}", file=sys.stderr)
+
+
+def _plot_available(command: str) -> bool:
+    """matplotlib is only needed for ranks.png: without it, say so up front and skip the plot."""
+    from .modelcard import PLOT_HINT, can_plot
+
+    if can_plot():
+        return True
+    _warn(command, PLOT_HINT)
+    return False
+
+
 # ----------------------------------------------------------------------------------------------- train
 def _check_resume(training_args) -> None:
     ckpt = training_args.resume_from_checkpoint
@@ -521,6 +550,8 @@ def cmd_train(argv: list[str]) -> int:
     set_seed(training_args.seed)
 
     data = _load_data(data_args)
+    _check_metric_packages(data)
+    plot = _plot_available("train")
     model_path = resolve_model(model_args.model_name_or_path)
     preprocessor = _load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
     base = _load_base_model(model_path, data.modality, data.label_names)
@@ -580,7 +611,7 @@ def cmd_train(argv: list[str]) -> int:
         "torch": torch.__version__,
     }
     (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv))
+    report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv), plot=plot)
     results = {
         "metrics": metrics,
         "eval": eval_metrics,
@@ -593,7 +624,7 @@ def cmd_train(argv: list[str]) -> int:
         "num_eval_examples": len(data.eval),
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds)
+    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds, plot)
     if push:
         url = push_adapter_folder(
             out, hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token
@@ -606,12 +637,15 @@ def _command_line(argv: list[str]) -> str:
     return "geolora train" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
 
 
-def _write_reports(out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "") -> dict:
+def _write_reports(
+    out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "", plot: bool = True
+) -> dict:
     from .modelcard import adapter_shapes, parameter_counts, plot_ranks, render_model_card
 
     shapes = adapter_shapes(out)
     sizes = parameter_counts(shapes, config.r)
-    plot_ranks(ranks, out / "ranks.png", config.r, config.r_max, title=f"GeoLoRA ranks: {info['task']}")
+    if plot:
+        plot_ranks(ranks, out / "ranks.png", config.r, config.r_max, title=f"GeoLoRA ranks: {info['task']}")
     cfg = config.to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     card = render_model_card(
@@ -625,12 +659,13 @@ def _write_reports(out: Path, config, ranks: dict, metrics: dict, info: dict, co
         pipeline_tag="image-classification" if info["modality"] == "image" else "text-classification",
         command=command,
         num_labels=max(1, len(info["label_names"])),
+        plot=plot,
     )
     (out / "README.md").write_text(card)
     return {"sizes": sizes}
 
 
-def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds) -> None:
+def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds, plot: bool = True) -> None:
     from .modelcard import rank_table
 
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -638,7 +673,8 @@ def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds) ->
     print(f"ranks per layer (initial r={config.r}, r_max={config.r_max}, tau={config.tau}):")
     print(rank_table(ranks))
     print(_size_line(sizes, config.r))
-    print(f"wrote {out}/: adapter_model.safetensors, adapter_config.json, metrics.json, ranks.png, README.md")
+    files = ["adapter_model.safetensors", "adapter_config.json", "metrics.json"] + ["ranks.png"] * plot + ["README.md"]
+    print(f"wrote {out}/: {', '.join(files)}")
 
 
 def _size_line(sizes: dict, r0: int) -> str:
@@ -755,6 +791,7 @@ def cmd_eval(argv: list[str]) -> int:
             setattr(data_args, key, value)
     model, preprocessor, info = load_adapter_model(adapter_dir, eval_args.base_model)
     data = _load_data(data_args, label_names=info["label_names"] or [])
+    _check_metric_packages(data)
     data.train = data.train.select(range(min(1, len(data.train))))
     _, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
     import tempfile
@@ -812,7 +849,7 @@ def cmd_inspect(argv: list[str]) -> int:
         **sizes,
     }
     plot_path = None
-    if not args.no_plot and ranks:
+    if not args.no_plot and ranks and _plot_available("inspect"):
         plot_path = Path(args.plot) if args.plot else Path(args.adapter_dir) / "ranks.png"
         try:
             plot_ranks(ranks, plot_path, r0, cfg.get("r_max"), title=f"ranks: {Path(args.adapter_dir).name}")

@@ -406,7 +406,12 @@ def _gray_to_uint8(x: np.ndarray, scale: float) -> np.ndarray:
 
 def load_digits_images(test_size: int = 360, seed: int = 0) -> TaskData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes) as uint8 (8, 8) images; seeded split."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            "the digits task comes with scikit-learn, which is not installed: pip install scikit-learn"
+        ) from None
 
     d = load_digits()
     images = _gray_to_uint8(d.images, 16.0)  # (n, 8, 8) in 0..16 -> 0..255
@@ -602,6 +607,43 @@ def task_modality(task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- metrics
+# the module each metric is computed with (by evaluate's script, geolora.metrics or directly), and its pip name
+METRIC_PACKAGES: dict[str, tuple[str, str]] = {
+    "accuracy": ("sklearn.metrics", "scikit-learn"),
+    "f1": ("sklearn.metrics", "scikit-learn"),
+    "matthews_correlation": ("sklearn.metrics", "scikit-learn"),
+    "pearson": ("scipy.stats", "scipy"),
+    "spearmanr": ("scipy.stats", "scipy"),
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    parts = module.split(".")
+    try:
+        for i in range(1, len(parts) + 1):  # the package too: a cached submodule alone does not make it importable
+            importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+        return False
+    return True
+
+
+def missing_metric_packages(metric_names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The packages that computing ``metric_names`` needs and that cannot be imported, as ``(pip name, [metrics])``
+    in first-use order (empty when all are there), so a caller can stop before training instead of after it.
+
+    Args:
+        metric_names (`Sequence[str]`): Metric names as in :attr:`TaskData.metric_names`.
+    """
+    missing: dict[str, list[str]] = {}
+    for name in metric_names:
+        module, pip_name = METRIC_PACKAGES[name]
+        if pip_name in missing or not _importable(module):
+            missing.setdefault(pip_name, []).append(name)
+    return list(missing.items())
+
+
 _EVALUATE_NAMES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
 _REGRESSION = ("pearson", "spearmanr")
 
@@ -700,6 +742,7 @@ __all__ = [
     "infer_task",
     "compute_metrics",
     "load_task",
+    "missing_metric_packages",
     "load_election_tweets",
     "load_reuters_r8",
     "load_20newsgroups",

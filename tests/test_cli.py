@@ -333,6 +333,36 @@ def test_packaged_base_model_is_recorded_by_its_hub_id_and_still_loads_offline(a
     assert rc == 0 and (tmp_path / "merged" / "config.json").is_file(), stderr
 
 
+def test_without_matplotlib_train_warns_up_front_and_skips_only_the_plot(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--data_dir", assets["text"], "--output_dir", out, *FAST
+    )
+    assert rc == 0 and "Traceback" not in stderr, stderr
+    warning = [line for line in stderr.splitlines() if line.startswith("geolora train: warning:")]
+    assert len(warning) == 1 and "matplotlib" in warning[0] and "pip install matplotlib" in warning[0], stderr
+    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "ranks.png").exists() and "ranks.png" not in (out / "README.md").read_text()
+    assert "ranks.png" not in stdout
+    rc, stdout, stderr = run_cli("inspect", out)
+    assert rc == 0 and "pip install matplotlib" in stderr and not (out / "ranks.png").exists()
+
+
+def test_without_scikit_learn_train_stops_before_training(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)
+    out = tmp_path / "run"
+    rc, _, stderr = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--data_dir", assets["text"], "--output_dir", out, *FAST
+    )
+    lines = [line for line in stderr.splitlines() if line.startswith("geolora train: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "scikit-learn" in lines[0] and "pip install scikit-learn" in lines[0] and "accuracy" in lines[0]
+    assert not out.exists()
+
+
 def test_train_sentence_pairs_in_glue_format(assets, tmp_path):
     rc, stdout, stderr = run_cli(
         "train",
