@@ -352,8 +352,34 @@ def _is_packaged(name: str) -> bool:
     return name in BUILTIN_MODELS and not Path(name).exists()
 
 
-def _load_base_model(path: str, modality: str, label_names: list[str]):
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT (logged by ``transformers.modeling_utils`` after a ``from_pretrained``); the
+    caller reports the keys that matter from ``output_loading_info`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _provided_by(key: str, modules) -> bool:
+    """True if the weight ``key`` belongs to one of ``modules`` (PEFT's modules_to_save: module-name suffixes)."""
+    parts = key.split(".")[:-1]
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if any(prefix == m or prefix.endswith("." + m) for m in modules):
+            return True
+    return False
+
+
+def _load_base_model(path: str, modality: str, label_names: list[str], provided=()):
+    """The base model for ``modality`` with a head of ``len(label_names)`` outputs.
+
+    transformers' LOAD REPORT lists the head as MISSING ("Consider training on your downstream task") whenever the
+    checkpoint has no head of that size; when the head is among ``provided`` (the adapter's modules_to_save: trained
+    and saved with it, or about to be trained) that is expected, so the report is dropped for this load and only
+    weights that nothing provides are reported, as one warning line.
+    """
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     auto = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
     num_labels = len(label_names) if label_names else 1
@@ -363,10 +389,32 @@ def _load_base_model(path: str, modality: str, label_names: list[str]):
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     else:
         kwargs["problem_type"] = "regression"
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    if provided:  # else transformers' report stays as it is
+        report_logger.addFilter(drop)
     try:
-        return auto.from_pretrained(path, **kwargs)
+        model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model '{path}' for {modality} classification: {_first_line(e)}") from None
+    finally:
+        report_logger.removeFilter(drop)
+    if not provided:
+        return model
+    problems = []
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        keys = [k[0] if isinstance(k, tuple) else k for k in loading.get(kind) or ()]
+        keys = sorted(k for k in keys if kind == "unexpected_keys" or not _provided_by(k, provided))
+        if keys:
+            more = f" (+{len(keys) - 8})" if len(keys) > 8 else ""
+            problems.append(f"{kind.replace('_keys', '')} {keys[:8]}{more}")
+    if problems:
+        print(
+            f"geolora: warning: loading '{path}': {'; '.join(problems)} (missing/mismatched weights are newly "
+            "initialised and not provided by the adapter)",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _load_preprocessor(path: str, modality: str):
@@ -554,7 +602,7 @@ def cmd_train(argv: list[str]) -> int:
     plot = _plot_available("train")
     model_path = resolve_model(model_args.model_name_or_path)
     preprocessor = _load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
-    base = _load_base_model(model_path, data.modality, data.label_names)
+    base = _load_base_model(model_path, data.modality, data.label_names, provided=geo_args.modules_to_save or ())
     if data.modality == "image":
         training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
     task_type = "SEQ_CLS" if data.modality == "text" else None
@@ -754,7 +802,7 @@ def load_adapter_model(adapter_dir: str, base_model: Optional[str] = None):
     labels = info.get("label_names")
     if labels is None:
         labels = [str(i) for i in range(_classifier_labels(adapter_dir))]
-    model = _load_base_model(base, modality, labels)
+    model = _load_base_model(base, modality, labels, provided=cfg.get("modules_to_save") or ())
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, RuntimeError, KeyError) as e:

@@ -74,6 +74,7 @@ def assets(tmp_path_factory):
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        BertModel,
         BertTokenizerFast,
         ViTConfig,
         ViTForImageClassification,
@@ -95,6 +96,9 @@ def assets(tmp_path_factory):
         )
     ).save_pretrained(bert)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(bert)
+    headless = root / "tiny-bert-headless"  # an encoder checkpoint without a classification head, like MiniLM's
+    BertModel.from_pretrained(bert).save_pretrained(headless)
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(headless)
 
     vit = root / "tiny-vit"
     ViTForImageClassification(
@@ -132,7 +136,7 @@ def assets(tmp_path_factory):
                     )
                     + "\n"
                 )
-    return {"root": root, "bert": bert, "vit": vit, "text": text, "pairs": pairs}
+    return {"root": root, "bert": bert, "headless": headless, "vit": vit, "text": text, "pairs": pairs}
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +249,61 @@ def test_eval_reproduces_training_metric(trained):
     again = json.loads((out / "eval.json").read_text())["metrics"]
     assert again == pytest.approx(metrics)
     assert f"accuracy {metrics['accuracy']:.4f}" in stdout
+
+
+@contextlib.contextmanager
+def _load_reports():
+    """Records what transformers logs from ``from_pretrained`` (its LOAD REPORT among them)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_loading_a_trained_adapter_shows_no_missing_head_report(assets, tmp_path):
+    """The base checkpoint has no head; the adapter trained and saved one (modules_to_save): loading it for eval,
+    export-lora or merge must not print transformers' "classifier.weight MISSING ... Consider training" report."""
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", assets["headless"], "--data_dir", assets["text"], "--output_dir", out]
+    rc, _, stderr = run_cli(*argv, *FAST)
+    assert rc == 0, stderr
+    for argv in (["eval", out], ["export-lora", out, tmp_path / "lora"], ["merge", out, tmp_path / "merged"]):
+        with _load_reports() as records:
+            rc, stdout, stderr = run_cli(*argv)
+        assert rc == 0, stderr
+        messages = [r.getMessage() for r in records]
+        assert not any("LOAD REPORT" in m or "MISSING" in m for m in messages), messages
+        assert "MISSING" not in stdout + stderr and "warning" not in stderr
+
+
+def test_a_weight_nothing_provides_is_still_reported(assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with _load_reports() as records:  # nothing provides the head: transformers' own report stays
+        cli._load_base_model(str(assets["headless"]), "text", ["neg", "pos"])
+    assert any("LOAD REPORT" in r.getMessage() and "classifier.weight" in r.getMessage() for r in records)
+
+    broken = tmp_path / "broken-bert"  # the checkpoint also lacks an encoder weight: a real problem
+    shutil.copytree(assets["headless"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights[next(k for k in weights if k.endswith("layer.0.attention.self.query.weight"))]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    err = io.StringIO()
+    with _load_reports() as records, contextlib.redirect_stderr(err):
+        cli._load_base_model(str(broken), "text", ["neg", "pos"], provided=["classifier"])
+    assert not any("LOAD REPORT" in r.getMessage() for r in records)
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("geolora: warning:")]
+    assert len(lines) == 1, err.getvalue()
+    line = lines[0]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in line
+    assert "classifier" not in line
 
 
 def test_inspect_without_base_model(trained, tmp_path):
