@@ -79,12 +79,13 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    task: str = field(
-        default="election-tweets",
+    task: Optional[str] = field(
+        default=None,
         metadata={
             "help": "election-tweets, reuters-r8, 20newsgroups, bbc-news (offline, `make assets`); local (your "
             "CSV/JSON/JSONL files); a GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli: Hub, or local "
-            "files in GLUE's columns); digits, mnist, imagefolder (offline images); cifar10, cifar100 (Hub)."
+            "files in GLUE's columns); digits, mnist, imagefolder (offline images); cifar10, cifar100 (Hub). "
+            "Default: local when --data_dir/--train_file/--validation_file is given, else election-tweets."
         },
     )
     data_dir: Optional[str] = field(
@@ -109,45 +110,106 @@ class DataArguments:
     split_seed: int = field(default=0, metadata={"help": "Seed of the train/test split and the subsets."})
 
 
-@dataclass
-class GeoLoRAArguments:
-    r: int = field(default=8, metadata={"help": "Initial rank of every adapted layer."})
-    r_max: Optional[int] = field(default=16, metadata={"help": "Largest rank a layer may reach (default 2r)."})
-    r_min: int = field(default=1, metadata={"help": "Smallest rank."})
-    tau: float = field(default=0.1, metadata={"help": "Relative truncation tolerance in [0, 1)."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "Scaling numerator, s = lora_alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
-    target_modules: list[str] = field(
-        default_factory=lambda: list(BERT_TARGETS),
-        metadata={"help": "Module names to adapt (suffix match); 'all-linear' for every linear layer."},
-    )
-    modules_to_save: list[str] = field(
-        default_factory=lambda: ["classifier"], metadata={"help": "Modules trained in full and saved (the head)."}
-    )
-    s_update: str = field(default="adam", metadata={"help": "'adam' or 'sgd' (the paper's Algorithm 1)."})
-    rank_budget: Optional[int] = field(default=None, metadata={"help": "Global rank budget instead of per-layer tau."})
+# GeoLoRAConfig fields that are not options of `geolora train` (PeftConfig's own fields are not either: train sets
+# task_type and PEFT records the base model); every other GeoLoRAConfig field is one, generated below.
+NOT_CLI_FIELDS = {
+    "rank_pattern": "written with the final per-layer ranks on save; a fresh run starts every layer at r",
+    "fan_in_fan_out": "set automatically for Conv1D layers",
+    "init_weights": "False is for tests only",
+}
+# The only defaults that differ from GeoLoRAConfig's: the config leaves them model-dependent (None), the command
+# line's built-in quick start adapts a BERT (all-MiniLM-L6-v2) and trains its classification head.
+CLI_DEFAULTS = {"target_modules": BERT_TARGETS, "modules_to_save": ["classifier"]}
+# list-or-str fields of the config: several names on the command line, or one regex / 'all-linear' (passed as a str)
+_NAMES_OR_REGEX = ("target_modules", "exclude_modules")
+_REGEX_CHARS = set("*+?[](){}|^$\\")
 
-    def to_config(self, task_type: Optional[str]):
-        from .config import GeoLoRAConfig
 
-        targets = self.target_modules
-        target = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else targets
-        try:
-            return GeoLoRAConfig(
-                r=self.r,
-                r_max=self.r_max,
-                r_min=self.r_min,
-                tau=self.tau,
-                lora_alpha=self.lora_alpha,
-                lora_dropout=self.lora_dropout,
-                target_modules=target,
-                modules_to_save=list(self.modules_to_save),
-                s_update=self.s_update,
-                rank_budget=self.rank_budget,
-                task_type=task_type,
-            )
-        except (TypeError, ValueError) as e:
-            raise UserError(str(e)) from None
+def _cli_type(tp):
+    """A type HfArgumentParser can parse for a GeoLoRAConfig field type: ``Union[list[X], X]`` -> ``list[X]``,
+    ``tuple[X, ...]`` -> ``list[X]``; ``Optional`` is kept."""
+    import typing
+
+    args = typing.get_args(tp)
+    optional = typing.get_origin(tp) is typing.Union and type(None) in args
+    if optional:
+        rest = [a for a in args if a is not type(None)]
+        tp = rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]
+        args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        lists = [a for a in args if typing.get_origin(a) is list]
+        if lists:
+            tp = lists[0]
+    if typing.get_origin(tp) is tuple:
+        tp = list[typing.get_args(tp)[0]]
+    return Optional[tp] if optional else tp
+
+
+def _geolora_arguments_class():
+    """The GeoLoRA options of ``geolora train``: a dataclass generated from GeoLoRAConfig's own fields, with their
+    help texts and defaults (except :data:`CLI_DEFAULTS`), so the command line cannot drift from the config."""
+    import dataclasses
+    import typing
+
+    from peft.config import PeftConfig
+
+    from .config import GeoLoRAConfig
+
+    hints = typing.get_type_hints(GeoLoRAConfig)
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    specs = []
+    for f in dataclasses.fields(GeoLoRAConfig):
+        if f.name in peft_fields or f.name in NOT_CLI_FIELDS:
+            continue
+        tp = _cli_type(hints[f.name])
+        help_ = f.metadata.get("help", "")
+        if f.name in _NAMES_OR_REGEX:
+            help_ += " On the command line: one or more names, or one regex (a value with regex characters)."
+        if f.name in CLI_DEFAULTS:
+            value = CLI_DEFAULTS[f.name]
+            help_ += " The command line's default (below) is the built-in quick start's (a BERT)."
+        else:
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if isinstance(value, (list, tuple)):
+            default = field(default_factory=lambda v=list(value): list(v), metadata={"help": help_})
+        else:
+            default = field(default=value, metadata={"help": help_})
+        specs.append((f.name, tp, default))
+    cls = dataclasses.make_dataclass("GeoLoRAArguments", specs, namespace={"to_config": _to_config})
+    cls.__module__ = __name__
+    cls.__doc__ = "GeoLoRAConfig's fields as options of `geolora train` (generated; see NOT_CLI_FIELDS)."
+    return cls
+
+
+def _names_or_regex(value):
+    if isinstance(value, list) and len(value) == 1 and (value[0] == "all-linear" or _REGEX_CHARS & set(value[0])):
+        return value[0]
+    return value
+
+
+def _to_config(self, task_type: Optional[str]):
+    """The :class:`geolora.GeoLoRAConfig` of these options (validation errors become :class:`UserError`)."""
+    import dataclasses
+
+    from .config import GeoLoRAConfig
+
+    kwargs = {}
+    for f in dataclasses.fields(self):
+        value = getattr(self, f.name)
+        if f.name in _NAMES_OR_REGEX:
+            value = _names_or_regex(value)
+        elif f.name == "adam_betas" and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, list):
+            value = list(value)
+        kwargs[f.name] = value
+    try:
+        return GeoLoRAConfig(**kwargs, task_type=task_type)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
+
+
+GeoLoRAArguments = _geolora_arguments_class()
 
 
 @dataclass
@@ -266,7 +328,7 @@ def parse_train_args(argv: list[str]):
 # ----------------------------------------------------------------------------------------------- models
 def resolve_model(name: str) -> str:
     """Local folder or Hub id; packaged models (``all-MiniLM-L6-v2``) resolve to their installed folder."""
-    if name in BUILTIN_MODELS and not Path(name).exists():
+    if _is_packaged(name):
         module, spec, hub_id = BUILTIN_MODELS[name]
         try:
             mod = __import__(module)
@@ -285,8 +347,39 @@ def _hub_id(name: str) -> str:
     return BUILTIN_MODELS[name][2] if name in BUILTIN_MODELS else name
 
 
-def _load_base_model(path: str, modality: str, label_names: list[str]):
+def _is_packaged(name: str) -> bool:
+    """True if ``name`` is one of the models that ship inside a package (resolved by :func:`resolve_model`)."""
+    return name in BUILTIN_MODELS and not Path(name).exists()
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' LOAD REPORT (logged by ``transformers.modeling_utils`` after a ``from_pretrained``); the
+    caller reports the keys that matter from ``output_loading_info`` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+def _provided_by(key: str, modules) -> bool:
+    """True if the weight ``key`` belongs to one of ``modules`` (PEFT's modules_to_save: module-name suffixes)."""
+    parts = key.split(".")[:-1]
+    for i in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:i])
+        if any(prefix == m or prefix.endswith("." + m) for m in modules):
+            return True
+    return False
+
+
+def _load_base_model(path: str, modality: str, label_names: list[str], provided=()):
+    """The base model for ``modality`` with a head of ``len(label_names)`` outputs.
+
+    transformers' LOAD REPORT lists the head as MISSING ("Consider training on your downstream task") whenever the
+    checkpoint has no head of that size; when the head is among ``provided`` (the adapter's modules_to_save: trained
+    and saved with it, or about to be trained) that is expected, so the report is dropped for this load and only
+    weights that nothing provides are reported, as one warning line.
+    """
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     auto = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
     num_labels = len(label_names) if label_names else 1
@@ -296,10 +389,32 @@ def _load_base_model(path: str, modality: str, label_names: list[str]):
         kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
     else:
         kwargs["problem_type"] = "regression"
+    report_logger = hf_logging.get_logger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    if provided:  # else transformers' report stays as it is
+        report_logger.addFilter(drop)
     try:
-        return auto.from_pretrained(path, **kwargs)
+        model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"cannot load model '{path}' for {modality} classification: {_first_line(e)}") from None
+    finally:
+        report_logger.removeFilter(drop)
+    if not provided:
+        return model
+    problems = []
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        keys = [k[0] if isinstance(k, tuple) else k for k in loading.get(kind) or ()]
+        keys = sorted(k for k in keys if kind == "unexpected_keys" or not _provided_by(k, provided))
+        if keys:
+            more = f" (+{len(keys) - 8})" if len(keys) > 8 else ""
+            problems.append(f"{kind.replace('_keys', '')} {keys[:8]}{more}")
+    if problems:
+        print(
+            f"geolora: warning: loading '{path}': {'; '.join(problems)} (missing/mismatched weights are newly "
+            "initialised and not provided by the adapter)",
+            file=sys.stderr,
+        )
+    return model
 
 
 def _load_preprocessor(path: str, modality: str):
@@ -388,8 +503,11 @@ def _metrics_fn(data):
 
 
 def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None):
-    from .data import DataError, load_task
+    from .data import DataError, infer_task, load_task
 
+    data_args.task = infer_task(
+        data_args.task, data_args.data_dir, data_args.train_file, data_args.validation_file
+    )  # recorded resolved, so `geolora eval` reloads the same task
     try:
         data = load_task(
             data_args.task,
@@ -416,6 +534,35 @@ def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None
             f"{data.num_labels}: {data.label_names[:10]}"
         )
     return data
+
+
+# ----------------------------------------------------------------------------------------------- requirements
+def _check_metric_packages(data) -> None:
+    """Stop before any work if a package the task's metrics need cannot be imported (not after training)."""
+    from .data import missing_metric_packages
+
+    missing = missing_metric_packages(data.metric_names)
+    if missing:
+        pip_name, metrics = missing[0]
+        raise UserError(
+            f"{pip_name} is not installed and task '{data.name}' needs it for its metric(s) {', '.join(metrics)}: "
+            f"pip install {' '.join(name for name, _ in missing)}"
+        )
+
+
+def _warn(command: str, message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # once under torchrun / accelerate launch
+        print(f"geolora {command}: warning: {message}", file=sys.stderr)
+
+
+def _plot_available(command: str) -> bool:
+    """matplotlib is only needed for ranks.png: without it, say so up front and skip the plot."""
+    from .modelcard import PLOT_HINT, can_plot
+
+    if can_plot():
+        return True
+    _warn(command, PLOT_HINT)
+    return False
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -451,9 +598,11 @@ def cmd_train(argv: list[str]) -> int:
     set_seed(training_args.seed)
 
     data = _load_data(data_args)
+    _check_metric_packages(data)
+    plot = _plot_available("train")
     model_path = resolve_model(model_args.model_name_or_path)
     preprocessor = _load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
-    base = _load_base_model(model_path, data.modality, data.label_names)
+    base = _load_base_model(model_path, data.modality, data.label_names, provided=geo_args.modules_to_save or ())
     if data.modality == "image":
         training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
     task_type = "SEQ_CLS" if data.modality == "text" else None
@@ -462,6 +611,10 @@ def cmd_train(argv: list[str]) -> int:
         model = get_peft_model(base, config)
     except ValueError as e:
         raise UserError(f"cannot apply GeoLoRA to '{model_args.model_name_or_path}': {_first_line(e)}") from None
+    if _is_packaged(model_args.model_name_or_path):
+        # PEFT records the folder the weights came from (inside site-packages); record the portable Hub id instead,
+        # which loading (load_adapter_model / resolve_model) maps back to the packaged copy when it is installed
+        model.peft_config[model.active_adapter].base_model_name_or_path = _hub_id(model_args.model_name_or_path)
     train_ds, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
 
     callback = GeoLoRACallback()
@@ -484,7 +637,9 @@ def cmd_train(argv: list[str]) -> int:
 
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    # GeoLoRA never adapts embeddings and train never resizes them: no need for PEFT's "auto" check, which looks the
+    # (portable) base id up on the Hub and warns offline
+    model.save_pretrained(out, save_embedding_layers=False)
     preprocessor.save_pretrained(out)
     ranks = get_ranks(model)
     metrics = {k[len("eval_") :]: v for k, v in eval_metrics.items() if k[len("eval_") :] in data.metric_names}
@@ -504,7 +659,7 @@ def cmd_train(argv: list[str]) -> int:
         "torch": torch.__version__,
     }
     (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
-    report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv))
+    report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv), plot=plot)
     results = {
         "metrics": metrics,
         "eval": eval_metrics,
@@ -517,7 +672,7 @@ def cmd_train(argv: list[str]) -> int:
         "num_eval_examples": len(data.eval),
     }
     (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds)
+    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds, plot)
     if push:
         url = push_adapter_folder(
             out, hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token
@@ -530,12 +685,15 @@ def _command_line(argv: list[str]) -> str:
     return "geolora train" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
 
 
-def _write_reports(out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "") -> dict:
+def _write_reports(
+    out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "", plot: bool = True
+) -> dict:
     from .modelcard import adapter_shapes, parameter_counts, plot_ranks, render_model_card
 
     shapes = adapter_shapes(out)
     sizes = parameter_counts(shapes, config.r)
-    plot_ranks(ranks, out / "ranks.png", config.r, config.r_max, title=f"GeoLoRA ranks: {info['task']}")
+    if plot:
+        plot_ranks(ranks, out / "ranks.png", config.r, config.r_max, title=f"GeoLoRA ranks: {info['task']}")
     cfg = config.to_dict()
     cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
     card = render_model_card(
@@ -549,12 +707,13 @@ def _write_reports(out: Path, config, ranks: dict, metrics: dict, info: dict, co
         pipeline_tag="image-classification" if info["modality"] == "image" else "text-classification",
         command=command,
         num_labels=max(1, len(info["label_names"])),
+        plot=plot,
     )
     (out / "README.md").write_text(card)
     return {"sizes": sizes}
 
 
-def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds) -> None:
+def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds, plot: bool = True) -> None:
     from .modelcard import rank_table
 
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
@@ -562,7 +721,8 @@ def _print_summary(task, n_eval, metrics, ranks, sizes, config, out, seconds) ->
     print(f"ranks per layer (initial r={config.r}, r_max={config.r_max}, tau={config.tau}):")
     print(rank_table(ranks))
     print(_size_line(sizes, config.r))
-    print(f"wrote {out}/: adapter_model.safetensors, adapter_config.json, metrics.json, ranks.png, README.md")
+    files = ["adapter_model.safetensors", "adapter_config.json", "metrics.json"] + ["ranks.png"] * plot + ["README.md"]
+    print(f"wrote {out}/: {', '.join(files)}")
 
 
 def _size_line(sizes: dict, r0: int) -> str:
@@ -642,7 +802,7 @@ def load_adapter_model(adapter_dir: str, base_model: Optional[str] = None):
     labels = info.get("label_names")
     if labels is None:
         labels = [str(i) for i in range(_classifier_labels(adapter_dir))]
-    model = _load_base_model(base, modality, labels)
+    model = _load_base_model(base, modality, labels, provided=cfg.get("modules_to_save") or ())
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, RuntimeError, KeyError) as e:
@@ -679,6 +839,7 @@ def cmd_eval(argv: list[str]) -> int:
             setattr(data_args, key, value)
     model, preprocessor, info = load_adapter_model(adapter_dir, eval_args.base_model)
     data = _load_data(data_args, label_names=info["label_names"] or [])
+    _check_metric_packages(data)
     data.train = data.train.select(range(min(1, len(data.train))))
     _, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
     import tempfile
@@ -736,7 +897,7 @@ def cmd_inspect(argv: list[str]) -> int:
         **sizes,
     }
     plot_path = None
-    if not args.no_plot and ranks:
+    if not args.no_plot and ranks and _plot_available("inspect"):
         plot_path = Path(args.plot) if args.plot else Path(args.adapter_dir) / "ranks.png"
         try:
             plot_ranks(ranks, plot_path, r0, cfg.get("r_max"), title=f"ranks: {Path(args.adapter_dir).name}")

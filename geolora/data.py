@@ -406,7 +406,12 @@ def _gray_to_uint8(x: np.ndarray, scale: float) -> np.ndarray:
 
 def load_digits_images(test_size: int = 360, seed: int = 0) -> TaskData:
     """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes) as uint8 (8, 8) images; seeded split."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            "the digits task comes with scikit-learn, which is not installed: pip install scikit-learn"
+        ) from None
 
     d = load_digits()
     images = _gray_to_uint8(d.images, 16.0)  # (n, 8, 8) in 0..16 -> 0..255
@@ -498,6 +503,44 @@ def load_cifar(name: str) -> TaskData:
 
 
 # ----------------------------------------------------------------------------------------------- dispatch
+DEFAULT_TASK = "election-tweets"
+# the path options each task reads; a path given to a task that does not read it is an error, never ignored
+_PATH_OPTIONS = ("data_dir", "train_file", "validation_file")
+TASK_PATHS: dict[str, tuple[str, ...]] = {
+    **{t: () for t in ALL_TASKS},
+    "local": _PATH_OPTIONS,
+    **{t: _PATH_OPTIONS for t in GLUE_TASKS},
+    "imagefolder": ("data_dir",),
+}
+
+
+def infer_task(
+    task: Optional[str],
+    data_dir: Optional[str] = None,
+    train_file: Optional[str] = None,
+    validation_file: Optional[str] = None,
+) -> str:
+    """The task to load: ``task`` if given; else ``"local"`` when data paths are given, else :data:`DEFAULT_TASK`.
+
+    Args:
+        task (`str`, *optional*): The task named by the user (``None``: not named).
+        data_dir, train_file, validation_file (`str`, *optional*): The data paths named by the user.
+    """
+    if task:
+        return task
+    return "local" if (data_dir or train_file or validation_file) else DEFAULT_TASK
+
+
+def _reject_unread_paths(task: str, paths: dict[str, Optional[str]]) -> None:
+    unread = [name for name, value in paths.items() if value and name not in TASK_PATHS.get(task, _PATH_OPTIONS)]
+    if unread:
+        flags = ", ".join(f"--{n}" for n in unread)
+        raise DataError(
+            f"task '{task}' does not read {flags}; use --task local for your own text files (or "
+            f"--task imagefolder --data_dir for an image folder), or drop {flags}"
+        )
+
+
 def load_task(
     task: str,
     *,
@@ -523,6 +566,7 @@ def load_task(
         "cifar10": lambda: load_cifar("cifar10"),
         "cifar100": lambda: load_cifar("cifar100"),
     }
+    _reject_unread_paths(task, {"data_dir": data_dir, "train_file": train_file, "validation_file": validation_file})
     if task == "local":
         if data_dir and not train_file:
             train_file, validation_file = find_split_files(data_dir)
@@ -563,6 +607,43 @@ def task_modality(task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- metrics
+# the module each metric is computed with (by evaluate's script, geolora.metrics or directly), and its pip name
+METRIC_PACKAGES: dict[str, tuple[str, str]] = {
+    "accuracy": ("sklearn.metrics", "scikit-learn"),
+    "f1": ("sklearn.metrics", "scikit-learn"),
+    "matthews_correlation": ("sklearn.metrics", "scikit-learn"),
+    "pearson": ("scipy.stats", "scipy"),
+    "spearmanr": ("scipy.stats", "scipy"),
+}
+
+
+def _importable(module: str) -> bool:
+    import importlib
+
+    parts = module.split(".")
+    try:
+        for i in range(1, len(parts) + 1):  # the package too: a cached submodule alone does not make it importable
+            importlib.import_module(".".join(parts[:i]))
+    except ImportError:
+        return False
+    return True
+
+
+def missing_metric_packages(metric_names: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """The packages that computing ``metric_names`` needs and that cannot be imported, as ``(pip name, [metrics])``
+    in first-use order (empty when all are there), so a caller can stop before training instead of after it.
+
+    Args:
+        metric_names (`Sequence[str]`): Metric names as in :attr:`TaskData.metric_names`.
+    """
+    missing: dict[str, list[str]] = {}
+    for name in metric_names:
+        module, pip_name = METRIC_PACKAGES[name]
+        if pip_name in missing or not _importable(module):
+            missing.setdefault(pip_name, []).append(name)
+    return list(missing.items())
+
+
 _EVALUATE_NAMES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
 _REGRESSION = ("pearson", "spearmanr")
 
@@ -658,8 +739,10 @@ __all__ = [
     "GLUE_TASKS",
     "DataError",
     "TaskData",
+    "infer_task",
     "compute_metrics",
     "load_task",
+    "missing_metric_packages",
     "load_election_tweets",
     "load_reuters_r8",
     "load_20newsgroups",

@@ -65,7 +65,8 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
     if not layers:
         raise ValueError(f"export_as_lora: the model has no GeoLoRA layers for adapter '{adapter_name}'")
 
-    full = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    # GeoLoRA never adapts embeddings: skip PEFT's "auto" vocabulary check (a Hub look-up of the base id)
+    full = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, save_embedding_layers=False)
     state = {k: v for k, v in full.items() if ".geolora_" not in k}
     rank_pattern, alpha_pattern = {}, {}
     for name, module in layers.items():

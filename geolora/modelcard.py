@@ -118,6 +118,19 @@ def rank_table(ranks: dict[str, int]) -> str:
     return "\n".join(f"{n:<{width}}  {r}" for n, r in ranks.items())
 
 
+PLOT_HINT = "matplotlib is not installed, so no rank plot (ranks.png) is written: pip install matplotlib"
+
+
+def can_plot() -> bool:
+    """True if matplotlib (needed by :func:`plot_ranks`, and only by it) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def plot_ranks(
     ranks: dict[str, int],
     path: str | Path,
@@ -166,8 +179,12 @@ def render_model_card(
     pipeline_tag: Optional[str] = None,
     command: str = "",
     num_labels: Optional[int] = None,
+    plot: bool = True,
 ) -> str:
-    """README.md of an adapter folder: Hub YAML metadata, the GeoLoRA config, the final ranks, metrics, how to load."""
+    """README.md of an adapter folder: Hub YAML metadata, the GeoLoRA config, the final ranks, metrics, how to load.
+
+    ``plot``: the folder has the rank plot ``ranks.png`` (False: the card does not link it).
+    """
     meta = {
         "library_name": "peft",
         "base_model": base_model,
@@ -225,9 +242,7 @@ Data: {dataset or task or "(not recorded)"}.
 ```
 {rank_table(ranks)}
 ```
-
-![ranks per layer](ranks.png)
-
+{chr(10) + "![ranks per layer](ranks.png)" + chr(10) if plot else ""}
 ## How to load
 
 With geolora installed (`import geolora` registers the method with PEFT):
@@ -259,5 +274,6 @@ __all__ = [
     "parameter_counts",
     "rank_table",
     "plot_ranks",
+    "can_plot",
     "render_model_card",
 ]

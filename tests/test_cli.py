@@ -74,6 +74,7 @@ def assets(tmp_path_factory):
     from transformers import (
         BertConfig,
         BertForSequenceClassification,
+        BertModel,
         BertTokenizerFast,
         ViTConfig,
         ViTForImageClassification,
@@ -95,6 +96,9 @@ def assets(tmp_path_factory):
         )
     ).save_pretrained(bert)
     BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(bert)
+    headless = root / "tiny-bert-headless"  # an encoder checkpoint without a classification head, like MiniLM's
+    BertModel.from_pretrained(bert).save_pretrained(headless)
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(headless)
 
     vit = root / "tiny-vit"
     ViTForImageClassification(
@@ -132,19 +136,17 @@ def assets(tmp_path_factory):
                     )
                     + "\n"
                 )
-    return {"root": root, "bert": bert, "vit": vit, "text": text, "pairs": pairs}
+    return {"root": root, "bert": bert, "headless": headless, "vit": vit, "text": text, "pairs": pairs}
 
 
 @pytest.fixture(scope="module")
 def trained(assets):
     """One text adapter trained through the CLI, shared by the tests of the other subcommands."""
     out = assets["root"] / "run-text"
-    rc, stdout, stderr = run_cli(
+    rc, stdout, stderr = run_cli(  # no --task: the data dir alone selects the local task
         "train",
         "--model_name_or_path",
         assets["bert"],
-        "--task",
-        "local",
         "--data_dir",
         assets["text"],
         "--output_dir",
@@ -195,6 +197,50 @@ def test_train_writes_adapter_metrics_plot_and_card(trained):
     assert "import geolora" in card and "export-lora" in card and '"tau": 0.1' in card
 
 
+def test_data_files_on_the_command_line_select_the_local_task(trained, assets):
+    out, _ = trained
+    info = json.loads((out / cli.RUN_INFO).read_text())
+    assert info["task"] == "local" and info["data_args"]["task"] == "local"
+    assert info["label_names"] == ["neg", "pos"] and str(assets["text"]) in info["data_source"]
+    assert info["num_train_examples"] == 48
+
+
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [
+        (["--train_file", "{root}/nope.csv", "--validation_file", "{root}/nope.csv"], r"'.*nope\.csv': no such file"),
+        (["--train_file", "{text}/train.csv", "--validation_file", "{root}/nope.csv"], r"'.*nope\.csv': no such file"),
+        (["--data_dir", "{root}/no_such_dir"], r"--data_dir '.*no_such_dir' is not a readable directory"),
+        (["--train_file", "{text}/train.csv"], r"task 'local' needs --validation_file"),
+        (["--task", "election-tweets", "--data_dir", "{text}"], r"task 'election-tweets' does not read --data_dir"),
+        (["--task", "digits", "--train_file", "{text}/train.csv"], r"task 'digits' does not read --train_file"),
+        (["--task", "imagefolder", "--data_dir", "{text}", "--train_file", "{text}/train.csv"], r"does not read"),
+    ],
+    ids=[
+        "missing-both",
+        "missing-validation",
+        "missing-dir",
+        "train-only",
+        "builtin-with-dir",
+        "builtin-with-file",
+        "imagefolder-with-file",
+    ],
+)
+def test_data_paths_are_used_or_rejected_never_ignored(argv, pattern, assets, tmp_path):
+    """Files given on the command line are never silently replaced by the default tweets."""
+    import re
+
+    fmt = {k: str(v) for k, v in assets.items()}
+    rc, _, err = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--output_dir", tmp_path, *[a.format(**fmt) for a in argv],
+        *FAST,
+    )
+    lines = [line for line in err.splitlines() if line.startswith("geolora train: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
 def test_eval_reproduces_training_metric(trained):
     out, _ = trained
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
@@ -203,6 +249,61 @@ def test_eval_reproduces_training_metric(trained):
     again = json.loads((out / "eval.json").read_text())["metrics"]
     assert again == pytest.approx(metrics)
     assert f"accuracy {metrics['accuracy']:.4f}" in stdout
+
+
+@contextlib.contextmanager
+def _load_reports():
+    """Records what transformers logs from ``from_pretrained`` (its LOAD REPORT among them)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_loading_a_trained_adapter_shows_no_missing_head_report(assets, tmp_path):
+    """The base checkpoint has no head; the adapter trained and saved one (modules_to_save): loading it for eval,
+    export-lora or merge must not print transformers' "classifier.weight MISSING ... Consider training" report."""
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", assets["headless"], "--data_dir", assets["text"], "--output_dir", out]
+    rc, _, stderr = run_cli(*argv, *FAST)
+    assert rc == 0, stderr
+    for argv in (["eval", out], ["export-lora", out, tmp_path / "lora"], ["merge", out, tmp_path / "merged"]):
+        with _load_reports() as records:
+            rc, stdout, stderr = run_cli(*argv)
+        assert rc == 0, stderr
+        messages = [r.getMessage() for r in records]
+        assert not any("LOAD REPORT" in m or "MISSING" in m for m in messages), messages
+        assert "MISSING" not in stdout + stderr and "warning" not in stderr
+
+
+def test_a_weight_nothing_provides_is_still_reported(assets, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with _load_reports() as records:  # nothing provides the head: transformers' own report stays
+        cli._load_base_model(str(assets["headless"]), "text", ["neg", "pos"])
+    assert any("LOAD REPORT" in r.getMessage() and "classifier.weight" in r.getMessage() for r in records)
+
+    broken = tmp_path / "broken-bert"  # the checkpoint also lacks an encoder weight: a real problem
+    shutil.copytree(assets["headless"], broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights[next(k for k in weights if k.endswith("layer.0.attention.self.query.weight"))]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    err = io.StringIO()
+    with _load_reports() as records, contextlib.redirect_stderr(err):
+        cli._load_base_model(str(broken), "text", ["neg", "pos"], provided=["classifier"])
+    assert not any("LOAD REPORT" in r.getMessage() for r in records)
+    lines = [line for line in err.getvalue().splitlines() if line.startswith("geolora: warning:")]
+    assert len(lines) == 1, err.getvalue()
+    line = lines[0]
+    assert "bert.encoder.layer.0.attention.self.query.weight" in line
+    assert "classifier" not in line
 
 
 def test_inspect_without_base_model(trained, tmp_path):
@@ -252,6 +353,73 @@ def test_export_lora_and_merge_match_the_adapter(trained, tmp_path):
     assert merged.config.id2label == {0: "neg", 1: "pos"}
     tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
     torch.testing.assert_close(_logits(merged, tok), reference, atol=1e-5, rtol=1e-4)
+
+
+def test_packaged_base_model_is_recorded_by_its_hub_id_and_still_loads_offline(assets, tmp_path, monkeypatch):
+    """A model that ships in a package (here a fake package holding the tiny BERT) is recorded in
+    adapter_config.json by its portable Hub id, not the installed folder; loading resolves the id back to the
+    packaged copy, so eval, export-lora and merge work offline from the adapter folder alone."""
+    import types
+
+    package = types.ModuleType("geolora_test_packaged_model")
+    package.get_model_path = lambda: assets["bert"]
+    monkeypatch.setitem(sys.modules, package.__name__, package)
+    entry = (package.__name__, "geolora-test-packaged-model==0.1", "someone/tiny-bert")
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny-packaged", entry)
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "someone/tiny-bert", entry)
+    out = tmp_path / "run"
+    argv = ["train", "--model_name_or_path", "tiny-packaged", "--data_dir", assets["text"], "--output_dir", out]
+    rc, _, stderr = run_cli(*argv, *FAST)
+    assert rc == 0, stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "someone/tiny-bert"
+    assert "base_model: someone/tiny-bert" in (out / "README.md").read_text()
+
+    moved = tmp_path / "adapter-only"  # what a Hub download of the adapter gives: no geolora_run.json
+    moved.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / name, moved / name)
+    model, _, _ = cli.load_adapter_model(str(moved))
+    assert model.peft_config["default"].base_model_name_or_path == "someone/tiny-bert"
+    rc, stdout, stderr = run_cli("eval", out)
+    assert rc == 0 and "accuracy" in stdout, stderr
+    rc, _, stderr = run_cli("export-lora", moved, tmp_path / "lora")
+    assert rc == 0, stderr
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["base_model_name_or_path"] == (
+        "someone/tiny-bert"
+    )
+    rc, _, stderr = run_cli("merge", moved, tmp_path / "merged")
+    assert rc == 0 and (tmp_path / "merged" / "config.json").is_file(), stderr
+
+
+def test_without_matplotlib_train_warns_up_front_and_skips_only_the_plot(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "run"
+    rc, stdout, stderr = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--data_dir", assets["text"], "--output_dir", out, *FAST
+    )
+    assert rc == 0 and "Traceback" not in stderr, stderr
+    warning = [line for line in stderr.splitlines() if line.startswith("geolora train: warning:")]
+    assert len(warning) == 1 and "matplotlib" in warning[0] and "pip install matplotlib" in warning[0], stderr
+    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "ranks.png").exists() and "ranks.png" not in (out / "README.md").read_text()
+    assert "ranks.png" not in stdout
+    rc, stdout, stderr = run_cli("inspect", out)
+    assert rc == 0 and "pip install matplotlib" in stderr and not (out / "ranks.png").exists()
+
+
+def test_without_scikit_learn_train_stops_before_training(assets, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)
+    out = tmp_path / "run"
+    rc, _, stderr = run_cli(
+        "train", "--model_name_or_path", assets["bert"], "--data_dir", assets["text"], "--output_dir", out, *FAST
+    )
+    lines = [line for line in stderr.splitlines() if line.startswith("geolora train: error:")]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert "scikit-learn" in lines[0] and "pip install scikit-learn" in lines[0] and "accuracy" in lines[0]
+    assert not out.exists()
 
 
 def test_train_sentence_pairs_in_glue_format(assets, tmp_path):
@@ -365,6 +533,78 @@ def test_config_file_and_overrides(tmp_path):
     assert model.model_name_or_path == "all-MiniLM-L6-v2"
 
 
+# a non-default value for every GeoLoRAConfig option of `geolora train`: (command-line values, config value)
+KNOB_VALUES = {
+    "r": (["4"], 4),
+    "r_max": (["12"], 12),
+    "r_min": (["2"], 2),
+    "tau": (["0.25"], 0.25),
+    "lora_alpha": (["16"], 16),
+    "lora_dropout": (["0.1"], 0.1),
+    "target_modules": (["query", "value"], {"query", "value"}),
+    "exclude_modules": (["key"], {"key"}),
+    "layers_to_transform": (["0", "1"], [0, 1]),
+    "layers_pattern": (["layer"], ["layer"]),
+    "modules_to_save": (["classifier", "pooler"], ["classifier", "pooler"]),
+    "bias": (["geolora_only"], "geolora_only"),
+    "s_update": (["sgd"], "sgd"),
+    "adam_betas": (["0.8", "0.99"], (0.8, 0.99)),
+    "adam_eps": (["1e-6"], 1e-6),
+    "rank_budget": (["20"], 20),
+    "budget_type": (["params"], "params"),
+    "reorthonormalize_every": (["7"], 7),
+    "sync_factors_every": (["3"], 3),
+    "static_shapes": (["true"], True),
+}
+
+
+def test_every_geolora_config_knob_is_a_train_option_with_the_config_default():
+    """The GeoLoRA options are GeoLoRAConfig's own fields: same names, help texts and defaults."""
+    import dataclasses
+
+    from peft.config import PeftConfig
+
+    from geolora import GeoLoRAConfig
+
+    peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
+    knobs = {f.name: f for f in dataclasses.fields(GeoLoRAConfig) if f.name not in peft_fields}
+    assert set(knobs) - set(cli.NOT_CLI_FIELDS) == set(KNOB_VALUES)
+    assert set(cli.NOT_CLI_FIELDS) == {"rank_pattern", "fan_in_fan_out", "init_weights"}
+    _, _, geo, _ = cli.parse_train_args([])
+    for name in KNOB_VALUES:
+        f = knobs[name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        expected = cli.CLI_DEFAULTS.get(name, list(default) if isinstance(default, tuple) else default)
+        assert getattr(geo, name) == expected, name
+    assert set(cli.CLI_DEFAULTS) == {"target_modules", "modules_to_save"}
+    # the resolved config equals GeoLoRAConfig's defaults (r_max = 2r, not a second default of the CLI)
+    ours = geo.to_config("SEQ_CLS").to_dict()
+    theirs = GeoLoRAConfig(task_type="SEQ_CLS", **cli.CLI_DEFAULTS).to_dict()
+    assert ours == theirs and ours["r_max"] == 16
+    _, _, geo, _ = cli.parse_train_args(["--r", "4"])
+    assert geo.to_config("SEQ_CLS").r_max == 8
+    # every knob settable from the command line, each with the config's help text
+    argv = [a for name, (values, _) in KNOB_VALUES.items() for a in (f"--{name}", *values)]
+    _, _, geo, _ = cli.parse_train_args(argv)
+    config = geo.to_config("SEQ_CLS")
+    for name, (_, value) in KNOB_VALUES.items():
+        assert getattr(config, name) == value, name
+    rc, out, _ = run_cli("train", "--help")
+    flat = " ".join(out.split())
+    for name, f in knobs.items():
+        if name in KNOB_VALUES:
+            assert f"--{name}" in out and " ".join(f.metadata["help"].split()) in flat, name
+
+
+def test_a_single_regex_or_all_linear_target_is_passed_as_a_string():
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", r".*\.(query|value)"])
+    assert geo.to_config("SEQ_CLS").target_modules == r".*\.(query|value)"
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", "all-linear"])
+    assert geo.to_config("SEQ_CLS").target_modules == "all-linear"
+    _, _, geo, _ = cli.parse_train_args(["--target_modules", "attention.output.dense"])
+    assert geo.to_config("SEQ_CLS").target_modules == {"attention.output.dense"}
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_say_how_to_run(path):
     text = path.read_text()
@@ -455,6 +695,19 @@ def test_console_script_error_exit_in_a_fresh_process(tmp_path):
     proc = subprocess.run(cmd + ["inspect", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("geolora inspect: error:")
+
+
+def test_python_dash_m_geolora_runs_the_command_line():
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "geolora", "--version"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().startswith("geolora ")
+    proc = subprocess.run(
+        [sys.executable, "-m", "geolora", "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert proc.returncode == 0 and "usage: geolora" in proc.stdout and "export-lora" in proc.stdout
 
 
 # ------------------------------------------------------------------------------------------------ distributed

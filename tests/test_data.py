@@ -223,3 +223,25 @@ def test_metrics_without_evaluate_use_sklearn(monkeypatch):
         assert gd.metric_sources(("accuracy",)) == {"accuracy": "sklearn"}
     finally:
         gd._evaluate_cache.clear()
+
+
+def test_tasks_reject_data_paths_they_do_not_read(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,x\nb,y\n")
+    with pytest.raises(DataError, match=r"task 'election-tweets' does not read --data_dir"):
+        gd.load_task("election-tweets", data_dir=str(tmp_path))
+    with pytest.raises(DataError, match=r"task 'imagefolder' does not read --train_file, --validation_file"):
+        gd.load_task("imagefolder", data_dir=str(tmp_path), train_file="a.csv", validation_file="b.csv")
+    assert gd.infer_task(None, train_file="a.csv") == "local" and gd.infer_task(None, data_dir="d") == "local"
+    assert gd.infer_task(None) == "election-tweets" and gd.infer_task("mrpc", data_dir="d") == "mrpc"
+
+
+def test_missing_metric_packages_are_named_with_their_pip_name(monkeypatch):
+    assert gd.missing_metric_packages(("accuracy", "f1", "pearson", "spearmanr", "matthews_correlation")) == []
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)
+    assert gd.missing_metric_packages(("accuracy", "pearson", "spearmanr")) == [("scipy", ["pearson", "spearmanr"])]
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert gd.missing_metric_packages(("f1",)) == [("scikit-learn", ["f1"])]
+    with pytest.raises(DataError, match=r"scikit-learn.*pip install scikit-learn"):
+        gd.load_task("digits")

@@ -1,0 +1,8 @@
+"""``python -m geolora``: the ``geolora`` command line (same as the console script)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
