@@ -553,6 +553,8 @@ KNOB_VALUES = {
     "rank_budget": (["20"], 20),
     "budget_type": (["params"], "params"),
     "reorthonormalize_every": (["7"], 7),
+    "augment_every": (["10"], 10),
+    "scale_by": (["r"], "r"),
     "sync_factors_every": (["3"], 3),
     "static_shapes": (["true"], True),
 }
