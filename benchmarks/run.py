@@ -425,7 +425,8 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
         "suite": cell["suite"], "kind": cell["kind"], "method": cell["method"], "task": cell["task"],
         "seed": cell["seed"], "status": "done", "primary_metric": metric,
         "budget_rule": "LoRA r; AdaLoRA init_r=ceil(1.5r) -> target_r=r; "
-                       f"GeoLoRA r -> r_max={cell['hp'].get('geolora_r_max_factor', 2):g}r",
+                       + (f"GeoLoRA r -> r_max={cell['hp']['geolora_r_max']}" if cell["hp"].get("geolora_r_max")
+                          else f"GeoLoRA r -> r_max={cell['hp'].get('geolora_r_max_factor', 2):g}r"),
         "lr_grid": cell["lrs"], "budgets": cell["budgets"], "trajectory_lr": cell.get("trajectory_lr"),
         "selected": {str(k): v for k, v in selected.items()},
         "selection": ("best validation metric (val split carved from train) among non-diverged grid points; "

@@ -353,7 +353,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
     * ``adalora``: ``init_r = ceil(1.5 r)``, ``target_r = r`` (average final rank), ``total_step`` = the run's optimizer
       steps, ``tinit``/``tfinal`` as fractions of it, allocation every ``deltaT`` steps.
     * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r`` (``geolora_r_max_factor`` x r: 1 caps it at
-      LoRA's rank, so it can only shrink), truncation tolerance ``tau``.
+      LoRA's rank, so it can only shrink; or ``geolora_r_max``, the same for every r), truncation tolerance ``tau``;
+      ``augment_every``, ``scale_by``, ``rank_budget``, ``budget_type`` are passed on when a suite sets them.
     """
     import peft
 
@@ -375,9 +376,11 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
         factor = hp.get("geolora_r_max_factor", 2)
         if not (isinstance(factor, (int, float)) and factor >= 1):
             raise ValueError(f"geolora_r_max_factor must be a number >= 1, got {factor!r}")
-        return geolora.GeoLoRAConfig(r=r, r_max=int(round(factor * r)), tau=hp.get("tau", 0.15),
-                                     s_update=hp.get("s_update", "adam"),
-                                     **common)
+        r_max = hp.get("geolora_r_max") or int(round(factor * r))  # an absolute r_max wins (same for every r)
+        # knobs a suite may set; unset ones keep GeoLoRAConfig's defaults
+        extra = {k: hp[k] for k in ("augment_every", "scale_by", "rank_budget", "budget_type") if k in hp}
+        return geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
+                                     **extra, **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
 
 

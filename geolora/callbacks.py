@@ -147,6 +147,11 @@ class GeoLoRACallback(TrainerCallback):
             sorted(set(get_ranks(inner_model).values())),
         )
 
+    def on_train_end(self, args, state, control, **kwargs):
+        # an open augmentation interval is truncated, so the adapter saved after training holds judged ranks only
+        if self.optimizer is not None and self.optimizer.finish_interval():
+            logger.info("GeoLoRA: training ended inside an augmentation interval; it was truncated.")
+
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not self.log_ranks or logs is None or model is None:
             return

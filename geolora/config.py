@@ -165,7 +165,7 @@ class GeoLoRAConfig(PeftConfig):
         },
     )
     augment_every: int = field(
-        default=1,
+        default=10,
         metadata={
             "help": "Steps per augmentation interval k. 1: the paper's Algorithm 1 (every step augments the bases "
             "with the gradient directions and truncates). k > 1: the first step of each interval augments (the rank "

@@ -218,7 +218,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.truncations = 0
         self._last_warn = -math.inf
         self._suppressed = 0
-        self._last_reortho = 0
+        self._interval_offset = 0  # shifts the interval so that the step after finish_interval() augments
         self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
         self._guard_done = False
         self.last_ranks: dict[str, int] = {}
@@ -271,6 +271,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "num_steps": self.num_steps,
             "skipped_steps": self.skipped_steps,
             "positive_lr_steps": self._positive_lr_steps,
+            "interval_offset": self._interval_offset,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -291,6 +292,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self.skipped_steps = int(extra.get("skipped_steps", 0))
             self._positive_lr_steps = int(extra.get("positive_lr_steps", self.num_steps))
             self._guard_done = self._positive_lr_steps > NEVER_TRAINED_STEPS
+            self._interval_offset = int(extra.get("interval_offset", 0))
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -401,14 +403,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 nonfinite = nonfinite | w["nonfinite"]
             ranks_local = [w["ranks"] for w in work]
             if st["rank_budget"] is not None and work and phase in ("step", "truncate"):
-                full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
-                # params: rank k of an (m, n) layer keeps k (m + n + k) values (U, V and the full k x k S)
-                costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
-                ranks_local = I.budget_truncation_ranks(
-                    [w["sigma"] for w in work], costs, float(st["rank_budget"]),
-                    [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
-                    cost_growth=0.0 if st["budget_type"] == "rank" else 2.0,
-                )
+                ranks_local = self._budget_ranks(work, device)
             sizes = [len(g.layers) for g in self._groups]
             pieces = [nonfinite.to(torch.int64).view(1)] + [r.to(torch.int64) for r in ranks_local]
             check_guard = not self._guard_done and self._positive_lr_steps >= NEVER_TRAINED_STEPS
@@ -428,11 +423,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._positive_lr_steps += 1
         with record_function("geolora::wrapped_step"):
             self.base_optimizer.step()
-        # re-orthonormalise on a step that rewrites the bases, once reorthonormalize_every steps have passed
-        every = st["reorthonormalize_every"]
-        do_reortho = bool(every) and phase != "coefficients" and self.num_steps + 1 - self._last_reortho >= every
-        if do_reortho:
-            self._last_reortho = self.num_steps + 1
+        # re-orthonormalise on a step that rewrites the bases: every reorthonormalize_every-th step (Algorithm 1), or
+        # the truncation that closes an interval containing such a step (a function of the step count alone, so a
+        # resumed run re-orthonormalises where the uninterrupted one does)
+        every, n = st["reorthonormalize_every"], self.num_steps + 1
+        span = 1 if phase == "step" else st["augment_every"]
+        do_reortho = bool(every) and phase in ("step", "truncate") and n // every > (n - span) // every
         offset = 1
         with record_function("geolora::write"):
             a = self.adapter_name
@@ -461,7 +457,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         k = self.settings["augment_every"]
         if k == 1:
             return "step"
-        position = (self.num_steps + self.skipped_steps) % k
+        position = self._interval_position()
         return "augment" if position == 0 else "truncate" if position == k - 1 else "coefficients"
 
     def _all_coefficients_zero(self, device) -> torch.Tensor:
@@ -578,7 +574,56 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=ranks)
         return out
 
-    def _coefficient_group(self, g: _LayerGroup, gS, truncate: bool) -> dict:
+    @property
+    def mid_interval(self) -> bool:
+        """True between an interval's augmentation and its truncation (``augment_every > 1``): the live ranks then
+        include augmented directions that have not been judged yet."""
+        return self.settings["augment_every"] > 1 and self._interval_position() != 0
+
+    def _interval_position(self) -> int:
+        return (self.num_steps + self.skipped_steps + self._interval_offset) % self.settings["augment_every"]
+
+    @torch.no_grad()
+    def finish_interval(self) -> bool:
+        """Truncate now (by ``tau`` or the budget) if an interval is open, without a coefficient step; returns
+        whether it did.  ``GeoLoRACallback`` calls it when training ends, so the saved adapter holds the truncated
+        ranks; call it yourself before ``save_pretrained`` in a custom loop (a checkpoint for resuming should keep
+        the open interval instead: resuming continues it).  The next ``step()`` starts a new interval."""
+        if not self.mid_interval:
+            return False
+        st = self.settings
+        work = [self._coefficient_group(g, [None] * len(g.S), truncate=True, update=False) for g in self._groups]
+        ranks = [w["ranks"] for w in work]
+        device = self._groups[0].U[0].device
+        if st["rank_budget"] is not None and work:
+            ranks = self._budget_ranks(work, device)
+        sizes = [len(g.layers) for g in self._groups]
+        flat = _agree_across_processes(torch.cat([torch.zeros(1, dtype=torch.int64, device=device)]
+                                                 + [r.to(torch.int64) for r in ranks]))
+        host = flat.tolist()
+        offset = 1
+        for g, w, r_new in zip(self._groups, work, torch.split(flat[1:], sizes)):
+            self._write_group(g, w, r_new, reortho=False)
+            for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
+                layer.r[self.adapter_name] = k
+            offset += len(g.layers)
+            self.truncations += len(g.layers)
+        self._interval_offset = (self._interval_offset - self._interval_position()) % st["augment_every"]
+        return True
+
+    def _budget_ranks(self, work: list[dict], device) -> list[torch.Tensor]:
+        """The global budget's ranks from every group's singular values (no host synchronisation)."""
+        st = self.settings
+        # params: rank k of an (m, n) layer keeps k (m + n + k) values (U, V and the full k x k S)
+        full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
+        costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
+        return I.budget_truncation_ranks(
+            [w["sigma"] for w in work], costs, float(st["rank_budget"]),
+            [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
+            cost_growth=0.0 if st["budget_type"] == "rank" else 2.0,
+        )
+
+    def _coefficient_group(self, g: _LayerGroup, gS, truncate: bool, update: bool = True) -> dict:
         """A step on the coefficients only, bases fixed (inside an interval of ``augment_every > 1`` steps).
 
         ``S <- S - λ U^T G V`` (``"sgd"``) or an Adam step on ``S`` (``"adam"``) at the live rank.  With ``truncate``
@@ -596,9 +641,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,)
         live = I.column_mask(ranks, rho)  # (B, ρ)
         with record_function("geolora::coefficients"):
-            lr, wd = self._lrs(g, U.device, dt)
             out: dict = {}
-            if st["s_update"] == "sgd":
+            if update:
+                lr, wd = self._lrs(g, U.device, dt)
+            if not update:  # finish_interval: truncate S as it is
+                S_new = S
+            elif st["s_update"] == "sgd":
                 S_new = S - lr * G
             else:
                 # every live entry has history (no new directions): Adam on all of them
