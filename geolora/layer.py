@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import GeoLoRAConfig
 
@@ -124,6 +126,70 @@ class _Conv2dDirections(torch.autograd.Function):
         return dx, gU, gS, gV, None, None, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------- plain-optimizer guard
+# ``U.grad`` and ``V.grad`` hold the GeoLoRA directions above, not gradients: only GeoLoRA's step (GeoLoRAOptimizer,
+# which takes them out of ``.grad`` before its wrapped optimizer runs) may consume them.  A plain optimizer that steps
+# U and V with them (a Trainer without GeoLoRACallback, torch.optim.AdamW(model.parameters()) in a loop) drives the
+# bases far from orthonormal.  Every U, V Parameter is marked (attribute below) where it is created and in every
+# eager forward, and a global optimizer step pre-hook warns, once per optimizer, when an optimizer other than
+# GeoLoRA's is about to step a marked Parameter that has a ``.grad``.  Python attribute checks only: no device work.
+TRAIN_WITH_GEOLORA = (
+    "train with geolora.GeoLoRACallback() on the Trainer or geolora.create_geolora_optimizer(model, lr=...) in a "
+    "custom loop"
+)
+_DIRECTION_MARK = "_geolora_direction"
+_step_hook = None
+_warned_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+# attributes under which optimizer wrappers (accelerate's AcceleratedOptimizer, GeoLoRAOptimizer) hold the wrapped one
+_WRAPPED_ATTRS = ("optimizer", "base_optimizer", "optim")
+
+
+def mark_direction_factors(*params: torch.Tensor) -> None:
+    """Mark ``params`` (GeoLoRA U, V Parameters) as holding directions in ``.grad``; installs the step guard once."""
+    global _step_hook
+    for p in params:
+        if not getattr(p, _DIRECTION_MARK, False):
+            setattr(p, _DIRECTION_MARK, True)
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_pre_hook(_plain_step_pre_hook)
+
+
+def _runs_geolora_step(optimizer: Any) -> bool:
+    """Whether ``optimizer`` is a GeoLoRAOptimizer or a wrapper around one."""
+    from .optim import GeoLoRAOptimizer
+
+    for _ in range(4):
+        if isinstance(optimizer, GeoLoRAOptimizer):
+            return True
+        optimizer = next((getattr(optimizer, a) for a in _WRAPPED_ATTRS if hasattr(optimizer, a)), None)
+        if optimizer is None:
+            return False
+    return False
+
+
+def _plain_step_pre_hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Global optimizer step pre-hook: warn once per optimizer that applies GeoLoRA directions as gradients.
+
+    GeoLoRAOptimizer's own wrapped optimizer never sees them (they are out of ``.grad`` while it steps)."""
+    if optimizer in _warned_optimizers:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and getattr(p, _DIRECTION_MARK, False):
+                if _runs_geolora_step(optimizer):
+                    return
+                _warned_optimizers.add(optimizer)
+                warnings.warn(
+                    f"GeoLoRA: {type(optimizer).__name__}.step() is updating GeoLoRA factors U, V with their .grad, "
+                    "which holds GeoLoRA's update directions, not gradients: this is a plain optimizer step, not "
+                    "GeoLoRA's step. It drives U and V away from orthonormal bases, the adapter does not train as "
+                    f"GeoLoRA, and save_pretrained will refuse it. To fix it, {TRAIN_WITH_GEOLORA}.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+
+
 class GeoLoRALayer(BaseTunerLayer):
     """Storage and shared logic of a GeoLoRA-adapted layer.
 
@@ -186,8 +252,13 @@ class GeoLoRALayer(BaseTunerLayer):
             S = torch.diag(torch.rand(r) * 0.1 + 0.05)
         self.geolora_S[adapter_name] = nn.Parameter(S)
         self.geolora_rank[adapter_name] = torch.tensor(r, dtype=torch.long)
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)  # also marks U, V (_mark_factors)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _mark_factors(self, adapter_name: str) -> None:
+        """Mark U, V of ``adapter_name`` for the plain-optimizer guard (see ``mark_direction_factors``)."""
+        if adapter_name in self.geolora_U and adapter_name in self.geolora_V:
+            mark_direction_factors(self.geolora_U[adapter_name], self.geolora_V[adapter_name])
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
         # Factors stay in float32 when the base is half precision (QR/SVD and the step run in >= float32 anyway), as
@@ -204,6 +275,7 @@ class GeoLoRALayer(BaseTunerLayer):
                 if value.dtype in (torch.float16, torch.bfloat16):
                     value = value.float()
                 params[adapter_name] = nn.Parameter(value, requires_grad=params[adapter_name].requires_grad)
+        self._mark_factors(adapter_name)
 
     @torch.no_grad()
     def cast_factors_to_base_dtype(self, adapter_name: str) -> None:
@@ -218,6 +290,7 @@ class GeoLoRALayer(BaseTunerLayer):
             p = params[adapter_name]
             if p.dtype != dtype:
                 params[adapter_name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+        self._mark_factors(adapter_name)
 
     @staticmethod
     def _sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys) -> None:
@@ -257,6 +330,7 @@ class GeoLoRALayer(BaseTunerLayer):
                 new = p.new_zeros(p.shape[0], cap)
                 new[:, :old] = p
             params[adapter_name] = nn.Parameter(new, requires_grad=p.requires_grad)
+        self._mark_factors(adapter_name)
 
     def active_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U, S, V`` sliced to the live rank, or the full capacity in static-shape mode."""
@@ -343,6 +417,8 @@ class GeoLoRALayer(BaseTunerLayer):
         for name in self.active_adapters:
             if name not in self.geolora_U:
                 continue
+            if not torch.compiler.is_compiling():
+                self._mark_factors(name)  # Parameters replaced by code outside this class (PEFT's assign-load)
             result = result + self._adapter_output(x, name).to(result.dtype)
         return result
 

@@ -12,7 +12,7 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import GeoLoRAConfig
-from .layer import GeoLoRALayer, dispatch_layer
+from .layer import TRAIN_WITH_GEOLORA, GeoLoRALayer, dispatch_layer
 
 logger = logging.getLogger(__name__)
 
@@ -99,13 +99,16 @@ class GeoLoRAModel(BaseTuner):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Slice every layer to its live rank and write the ranks into ``config.rank_pattern``.
+        """Slice every layer to its live rank, check the factors and write the ranks into ``config.rank_pattern``.
 
-        PeftModel.save_pretrained builds the state dict (``get_peft_model_state_dict``) before it writes
-        adapter_config.json (``peft_config.save_pretrained``), so the ranks recorded here end up in the JSON.
+        PeftModel.save_pretrained builds the state dict (``get_peft_model_state_dict``) before it writes the weights
+        and adapter_config.json (``peft_config.save_pretrained``), so the ranks recorded here end up in the JSON, and
+        factors that GeoLoRA's step cannot have written (:func:`check_factors_before_save`) raise before either file
+        is written (only PEFT's model card, README.md, is written earlier).
         """
         to_return = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         ranks = {}
+        factors: dict[str, dict[str, torch.Tensor]] = {}
         by_module = {}
         for name, module in model.named_modules():
             if isinstance(module, GeoLoRALayer) and adapter_name in module.geolora_U:
@@ -126,7 +129,10 @@ class GeoLoRAModel(BaseTuner):
                 to_return[key] = tensor[:, :k].contiguous()
             elif kind == "geolora_rank":
                 to_return[key] = torch.tensor(k, dtype=torch.long)
+            if kind in _FACTOR_NAMES:
+                factors.setdefault(_strip_prefixes(module_name), {})[kind] = to_return[key]
             ranks[_strip_prefixes(module_name)] = k
+        check_factors_before_save(factors, adapter_name)
         config.rank_pattern = dict(sorted(ranks.items()))
         return to_return
 
@@ -249,8 +255,78 @@ def check_saved_adapter(weights: dict, filename: str, rank_pattern: dict) -> Non
             if err > _SAVED_ORTHONORMALITY_TOL:
                 raise ValueError(
                     f"{where}: {kind} is not orthonormal (max |X^T X - I| = {err:.3g}); the file is corrupted or was "
-                    "not written by GeoLoRA."
+                    "not written by GeoLoRA's step (an adapter trained by a plain optimizer, e.g. a Trainer without "
+                    "GeoLoRACallback, saved by a geolora version that did not check it at save)."
                 )
+
+
+# The save check (check_factors_before_save): max |X^T X - I| of the live bases.  GeoLoRA's step keeps them orthonormal
+# to ~1e-6 in float32 (every step ends with a QR-based augmentation and an SVD truncation, and re-orthonormalises
+# periodically) and to ~1e-2 when they are stored in bfloat16/float16 (autocast_adapter_dtype=False).  Values that are
+# exactly bfloat16/float16 numbers in a float32 tensor (a half-precision adapter loaded with the default
+# autocast_adapter_dtype=True) have half-precision error and get the half-precision tolerance.
+_SAVE_TOL_FULL = 1e-3
+_SAVE_TOL_HALF = 5e-2
+
+
+def _basis_check(X: torch.Tensor) -> tuple[float, float]:
+    """(max |X^T X - I|, tolerance) of one finite basis (out, k)."""
+    k = X.shape[1]
+    Xd = X.detach().double()
+    err = (Xd.T @ Xd - torch.eye(k, dtype=torch.float64, device=X.device)).abs().max().item() if k else 0.0
+    if err <= _SAVE_TOL_FULL:
+        return err, _SAVE_TOL_FULL
+    half = X.dtype in (torch.float16, torch.bfloat16) or any(
+        torch.equal(X, X.to(dt).to(X.dtype)) for dt in (torch.bfloat16, torch.float16)
+    )
+    return err, _SAVE_TOL_HALF if half else _SAVE_TOL_FULL
+
+
+def check_factors_before_save(factors: dict[str, dict[str, torch.Tensor]], adapter_name: str) -> None:
+    """Refuse to save factors that GeoLoRA's step cannot have written: bases far from orthonormal, or inf/NaN.
+
+    Such factors come from a plain optimizer step on U and V (whose ``.grad`` holds GeoLoRA's directions, not
+    gradients): a Trainer without GeoLoRACallback, or torch.optim.AdamW(model.parameters()) in a custom loop.  Saved,
+    they would be refused on load (bases off by more than 0.05) or resume as bases that are not bases; so the save
+    fails here, before the weights and adapter_config.json are written.
+
+    Args:
+        factors: layer name -> {``"geolora_U"``: (out, k), ``"geolora_S"``: (k, k), ``"geolora_V"``: (in, k)}, the
+            tensors about to be saved (at the live rank).
+        adapter_name: the adapter being saved, for the message.
+    """
+    nonfinite, skewed = [], []
+    for layer, parts in factors.items():
+        if any(t.device.type == "meta" for t in parts.values()):
+            continue
+        bad = [kind for kind, t in sorted(parts.items()) if not torch.isfinite(t).all()]
+        if bad:
+            nonfinite.append((layer, bad))
+            continue
+        checks = [(kind, *_basis_check(parts[kind])) for kind in ("geolora_U", "geolora_V") if kind in parts]
+        failed = [(err, kind, tol) for kind, err, tol in checks if err > tol]
+        if failed:
+            err, kind, tol = max(failed)
+            skewed.append((layer, kind, err, tol, parts[kind].dtype))
+    if not nonfinite and not skewed:
+        return
+    cause = f"The GeoLoRA factors were updated by a plain optimizer, not by GeoLoRA's step: {TRAIN_WITH_GEOLORA}."
+    not_written = "The adapter weights and adapter_config.json were not written."
+    if nonfinite:
+        layer, kinds = nonfinite[0]
+        raise ValueError(
+            f"GeoLoRA: cannot save adapter '{adapter_name}': layer '{layer}' has inf/NaN values in "
+            f"{', '.join(kinds)} ({len(nonfinite)} of {len(factors)} layers have NaN/inf factors; GeoLoRA's step "
+            f"skips non-finite steps and never writes them). {cause} {not_written} The adapter's values are lost "
+            "(merging them would write inf/NaN into the base weights): train again."
+        )
+    layer, kind, err, tol, dtype = max(skewed, key=lambda item: item[2])  # the worst layer
+    raise ValueError(
+        f"GeoLoRA: cannot save adapter '{adapter_name}': in layer '{layer}', {kind} is not orthonormal "
+        f"(max |X^T X - I| = {err:.3g}; GeoLoRA's step keeps {str(dtype)[6:]} bases within {tol:g}); "
+        f"{len(skewed)} of {len(factors)} layers fail. {cause} {not_written} What the adapter computes now is still "
+        "usable without GeoLoRA: model.merge_and_unload() folds s * U S V^T into the base weights, whatever the bases."
+    )
 
 
 def _recreate_factors(module: GeoLoRALayer, adapter_name: str, k: int) -> None:
@@ -259,6 +335,7 @@ def _recreate_factors(module: GeoLoRALayer, adapter_name: str, k: int) -> None:
         old = params[adapter_name]
         shape = (k, k) if kind == "geolora_S" else (old.shape[0], k)
         params[adapter_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
+    module._mark_factors(adapter_name)
 
 
 def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
@@ -283,4 +360,4 @@ def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, in
 
 
 
-__all__ = ["GeoLoRAModel", "check_saved_adapter", "get_ranks", "iter_geolora_layers"]
+__all__ = ["GeoLoRAModel", "check_factors_before_save", "check_saved_adapter", "get_ranks", "iter_geolora_layers"]
