@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--profile-steps", type=int, default=3, help="profiled GeoLoRA steps for the marker breakdown")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="profiled GeoLoRA steps for the marker breakdown (10: one interval at augment_every=10)")
     p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure peak memory in fresh subprocesses")
     p.add_argument("--memory-steps", type=int, default=3)

@@ -716,7 +716,13 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         # new entries: v̂ = max(v̄, g²): a step g / sqrt(v̄) for directions weaker than the layer's typical gradient,
         # capped at Adam's unit step for stronger ones (v̄ can be tiny right after S = 0)
         if plain_new:  # interval augmentation: a new entry starts as a fresh Adam entry (first step lr * sign(g))
-            v = torch.where(old, v, G_aug * G_aug * bc2)
+            # ... unless its gradient is rounding noise (e.g. the arbitrary extra columns QR returns for a
+            # rank-deficient K): Adam would blow noise up to a full step; those entries stay 0 (m = v = 0)
+            peak = G_aug.abs().amax((-2, -1), keepdim=True)
+            noise = G_aug.abs() <= max(1e-5, 100 * torch.finfo(G_aug.dtype).eps) * peak
+            new_noise = ~old & noise
+            m = torch.where(new_noise, zero, m)
+            v = torch.where(old, v, torch.where(new_noise, zero, G_aug * G_aug * bc2))
         else:
             v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
         direction = (m / bc1) / ((v / bc2).sqrt_() + eps)

@@ -24,9 +24,10 @@ def _data():
     return datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] > 50).long().tolist()})
 
 
-def _peft_model():
+def _peft_model(augment_every=10):
     return peft.get_peft_model(_bert(), geolora.GeoLoRAConfig(
-        r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"))
+        r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS",
+        augment_every=augment_every))
 
 
 def _train(out, model, resume=None, epochs=3):
@@ -39,12 +40,16 @@ def _train(out, model, resume=None, epochs=3):
     return trainer, cb
 
 
-def test_trainer_callback_trains_with_accumulation_and_clipping(tmp_path):
-    model = _peft_model()
+@pytest.mark.parametrize("augment_every", [1, 3, 5])
+def test_trainer_callback_trains_with_accumulation_and_clipping(tmp_path, augment_every):
+    model = _peft_model(augment_every)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer, cb = _train(tmp_path, model)
     assert cb.optimizer.num_steps == trainer.state.global_step == 12  # 64/8/2 per epoch x 3
-    assert cb.optimizer.truncations == 12 * 4  # one truncation per layer per optimizer step
+    # one truncation per layer per interval; with 5 the run ends 2 steps into an open interval, which on_train_end
+    # truncates: intervals 1-5, 6-10, 11-12
+    assert cb.optimizer.truncations == -(-12 // augment_every) * 4
+    assert not cb.optimizer.mid_interval
     ranks = geolora.get_ranks(model)
     assert set(ranks.values()) != {4}  # ranks moved
     for m in model.modules():

@@ -47,6 +47,8 @@ def _factors(layer, a="default"):
 
 
 def _make(r=3, r_max=6, tau=0.1, s_update="sgd", dtype=torch.float64, seed=0, random_S=True, **kw):
+    """One adapted Linear; Algorithm 1 (augment_every=1) unless told otherwise."""
+    kw.setdefault("augment_every", 1)
     torch.manual_seed(seed)
     model = peft.get_peft_model(
         OneLayer(), geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=tau, lora_alpha=2 * r, target_modules=["lin"],
@@ -98,7 +100,8 @@ def test_rank_recovery_sgd(r0):
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="sgd")
+        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="sgd",
+                                    augment_every=1)
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.2)
     X, Y = _synthetic()
@@ -117,7 +120,8 @@ def test_adam_s_update_trains_and_keeps_invariants():
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="adam")
+        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="adam",
+                                    augment_every=1)
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.02)
     X, Y = _synthetic()
@@ -145,7 +149,8 @@ def test_orthonormality_2000_steps_and_zero_padding(s_update):
     torch.manual_seed(0)
     model = peft.get_peft_model(
         TwoLayer(),
-        geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update, scale_by="r"),
+        geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update, scale_by="r",
+                              augment_every=1),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.05 if s_update == "sgd" else 5e-3)
     gen = torch.Generator().manual_seed(1)
@@ -236,21 +241,34 @@ def test_lr_scheduler_moves_lambda_and_zero_lr_keeps_the_function():
     assert torch.allclose(model(X), ref, atol=1e-6)  # λ = 0 from the scheduler: M unchanged (τ = 0)
 
 
-def test_gradient_accumulation_equals_full_batch():
+@pytest.mark.parametrize("augment_every", [1, 3])
+@pytest.mark.parametrize("s_update", ["sgd", "adam"])
+def test_gradient_accumulation_equals_full_batch(augment_every, s_update):
+    """Two accumulated half batches give the same steps as the full batch, over a whole interval (augment,
+    coefficient step, truncate) when augment_every > 1."""
     torch.manual_seed(0)
-    m1 = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update="sgd"))
+    m1 = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update=s_update,
+                                                               augment_every=augment_every))
     m2 = copy.deepcopy(m1)
-    o1 = geolora.create_geolora_optimizer(m1, lr=0.1)
-    o2 = geolora.create_geolora_optimizer(m2, lr=0.1)
-    X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
-    nn.functional.cross_entropy(m1(X), y, reduction="sum").backward()
-    o1.step()
-    for half in (slice(0, 8), slice(8, 16)):
-        nn.functional.cross_entropy(m2(X[half]), y[half], reduction="sum").backward()
-    o2.step()
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        assert torch.allclose(p1, p2, atol=1e-5)
-    assert o1.truncations == o2.truncations == 2
+    o1 = geolora.create_geolora_optimizer(m1, lr=0.1 if s_update == "sgd" else 1e-2)
+    o2 = geolora.create_geolora_optimizer(m2, lr=0.1 if s_update == "sgd" else 1e-2)
+    gen = torch.Generator().manual_seed(0)
+    phases = []
+    for _ in range(augment_every):
+        X, y = torch.randn(16, 10, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+        phases.append(o1.phase)
+        nn.functional.cross_entropy(m1(X), y, reduction="sum").backward()
+        o1.step()
+        o1.zero_grad()
+        for half in (slice(0, 8), slice(8, 16)):
+            nn.functional.cross_entropy(m2(X[half]), y[half], reduction="sum").backward()
+        o2.step()
+        o2.zero_grad()
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            assert torch.allclose(p1, p2, atol=1e-5)
+    assert phases == (["step"] if augment_every == 1 else ["augment", "coefficients", "truncate"])
+    assert o1.truncations == o2.truncations == 2  # two layers, one truncation each
+    assert geolora.get_ranks(m1) == geolora.get_ranks(m2)
 
 
 def test_clipping_and_fused_adamw():
@@ -333,7 +351,8 @@ def test_global_rank_budget():
     checked against σ computed independently from the layers' inputs and output gradients."""
     torch.manual_seed(0)
     model = peft.get_peft_model(
-        TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd")
+        TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd",
+                                          augment_every=1),
     ).to(torch.float64)
     lr = 0.1
     opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=lr)

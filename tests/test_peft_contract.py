@@ -31,6 +31,7 @@ def _config(spec, **overrides) -> GeoLoRAConfig:
         target_modules=list(spec.target_modules),
         task_type=spec.task_type,
         fan_in_fan_out=spec.name == "gpt2",
+        augment_every=3,  # _train's 3 steps are one interval: augment, coefficient step, truncate
     )
     if spec.name in ("vit", "cnn"):
         kwargs["modules_to_save"] = [spec.head]

@@ -227,10 +227,11 @@ def test_skip_warning_once_per_occurrence_rate_limited(caplog, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------- 2. degenerate
-def _one(r=3, r_max=6, r_min=1, tau=0.0, init_weights=False, s_update="sgd", n=10, m=12, dtype=torch.float64):
+def _one(r=3, r_max=6, r_min=1, tau=0.0, init_weights=False, s_update="sgd", n=10, m=12, dtype=torch.float64,
+         augment_every=1):
     torch.manual_seed(0)
     cfg = geolora.GeoLoRAConfig(r=r, r_max=r_max, r_min=r_min, tau=tau, lora_alpha=r_max, target_modules=["lin"],
-                                s_update=s_update, init_weights=init_weights)
+                                s_update=s_update, init_weights=init_weights, augment_every=augment_every)
     model = peft.get_peft_model(One(n, m), cfg).to(dtype)
     return model, _layers(model)["lin"]
 

@@ -13,7 +13,7 @@ def test_step_time_benchmark_runs_on_a_tiny_model(tmp_path):
     from benchmarks import step_time
 
     step_time.main(["--size", "tiny", "--rounds", "2", "--warmup", "1", "--threads", "1", "--memory-repeats", "1",
-                    "--memory-steps", "1", "--profile-steps", "1", "--methods", "lora,adalora,geolora,geolora-trainer",
+                    "--memory-steps", "1", "--profile-steps", "10", "--methods", "lora,adalora,geolora,geolora-trainer",
                     "--output-dir", str(tmp_path)])
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert set(result["timing"]) == {"lora", "adalora", "geolora", "geolora-trainer"}
