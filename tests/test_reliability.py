@@ -512,24 +512,27 @@ def _run_until(pid, pipe, predicate=None):
     return lines, killed
 
 
-def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("augment_every", [1, 10])
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, augment_every):
+    """Checkpoints every 7 steps: with augment_every = 10 most of them, and so most resumes, fall inside an
+    interval (after its augmentation, before its truncation)."""
     kr = _load_script()
     total, every = 120, 7
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     log = tmp_path / "child.log"
-    _run_until(*_fork(kr.train, ref_dir, total, every, log=log))
+    _run_until(*_fork(kr.train, ref_dir, total, every, augment_every, log=log))
     assert not log.exists(), log.read_text() if log.exists() else ""
     rng = random.Random(int(os.environ.get("GEOLORA_KILL_SEED", "6")))
     starts, kills = [], 0
     for _ in range(4):
         target = rng.randint(1, total - 1)
         lines, killed = _run_until(
-            *_fork(kr.train, run_dir, total, every, log=log),
+            *_fork(kr.train, run_dir, total, every, augment_every, log=log),
             lambda line, t=target: line.startswith("step") and int(line.split()[1]) >= t,
         )
         starts.append(int(lines[0].split()[1]))
         kills += killed
-    lines, killed = _run_until(*_fork(kr.train, run_dir, total, every, log=log))
+    lines, killed = _run_until(*_fork(kr.train, run_dir, total, every, augment_every, log=log))
     assert not killed and not log.exists()
     starts.append(int(lines[0].split()[1]))
     assert kills >= 3 and max(starts) > 0, (kills, starts)  # really killed, really resumed from checkpoints

@@ -43,20 +43,24 @@ def host_reads(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("augment_every", [1, 3])
 @pytest.mark.parametrize("kw", [{"s_update": "adam"}, {"s_update": "sgd"}, {"rank_budget": 12, "s_update": "adam"}])
-def test_one_host_read_per_step(host_reads, kw):
+def test_one_host_read_per_step(host_reads, kw, augment_every):
     torch.manual_seed(0)
     model = peft.get_peft_model(
         Net(), geolora.GeoLoRAConfig(r=3, r_max=6, tau=0.05, target_modules=["a", "b", "c"], modules_to_save=["head"],
-                                     **kw)
+                                     augment_every=augment_every, **kw)
     )
     opt = geolora.create_geolora_optimizer(model, lr=1e-2, weight_decay=0.01)
     X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
-    steps = 4
+    steps = 6  # with augment_every = 3: two whole intervals (augment, coefficients, truncate)
+    phases = []
     for _ in range(steps):
         nn.functional.cross_entropy(model(X), y).backward()
+        phases.append(opt.phase)
         before = len(host_reads)
         opt.step()
         assert [c[0] for c in host_reads[before:]] == ["tolist"], host_reads[before:]
         opt.zero_grad()
     assert opt.num_steps == steps
+    assert set(phases) == ({"step"} if augment_every == 1 else {"augment", "coefficients", "truncate"})

@@ -41,9 +41,9 @@ def _base() -> MLP:
     return MLP()
 
 
-def _config() -> geolora.GeoLoRAConfig:
+def _config(augment_every: int) -> geolora.GeoLoRAConfig:
     return geolora.GeoLoRAConfig(r=2, r_max=6, tau=0.05, target_modules=["a", "b"], modules_to_save=["head"],
-                                 s_update="adam", reorthonormalize_every=5)
+                                 s_update="adam", reorthonormalize_every=5, augment_every=augment_every)
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +69,9 @@ def _atomic_torch_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def train(out: Path, total: int, every: int) -> None:
+def train(out: Path, total: int, every: int, augment_every: int = 10) -> None:
+    """Train ``total`` steps with a checkpoint every ``every`` steps (with the default interval of 10 steps, most
+    checkpoints fall inside an interval), resuming from the newest complete checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     ckpts = _complete_checkpoints(out)
     if ckpts:
@@ -80,7 +82,7 @@ def train(out: Path, total: int, every: int) -> None:
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     else:
         start = 0
-        model = peft.get_peft_model(_base(), _config())
+        model = peft.get_peft_model(_base(), _config(augment_every))
         opt = geolora.create_geolora_optimizer(model, lr=2e-2)
     print(f"start {start}", flush=True)
     for step in range(start, total):
@@ -108,6 +110,6 @@ def train(out: Path, total: int, every: int) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "train":
-        train(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+        train(Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), *[int(a) for a in sys.argv[5:6]])
     else:
         raise SystemExit(f"unknown mode {sys.argv[1]!r}")
