@@ -1,5 +1,5 @@
 """Which coefficient update should be GeoLoRA's default? 'adam' vs 'sgd' (Algorithm 1) at the learning rates
-users already use with AdamW and LoRA, on a real task that installs offline (ASSETS.md):
+users already use with AdamW and LoRA, on a real task that installs offline (docs/assets.md):
 all-MiniLM-L6-v2 on election tweets 2016 (Clinton vs Trump), plus LoRA r=8 at the same rates for reference.
 
     python scripts/s_update_study.py            # writes benchmarks/results/s_update/results.json
