@@ -14,7 +14,7 @@ from peft.utils import CONFIG_NAME
 
 from ._peft_compat import ensure_peft_type_member
 
-S_UPDATES = ("adam", "sgd")
+S_UPDATES = ("adam", "adam_layer", "sgd")
 SCALE_BY = ("r_max", "r")
 BUDGET_TYPES = ("rank", "params")
 BIAS_CHOICES = ("none", "all", "geolora_only")
@@ -137,12 +137,14 @@ class GeoLoRAConfig(PeftConfig):
             "used on load to recreate every layer at exactly its saved rank."
         },
     )
-    s_update: Literal["adam", "sgd"] = field(
+    s_update: Literal["adam", "adam_layer", "sgd"] = field(
         default="adam",
         metadata={
             "help": "Coefficient update. 'sgd': the paper's Algorithm 1 exactly (S <- S - lr * grad; needs a large "
-            "lr). "
-            "'adam': Adam moments on S, rotated into each new basis after augmentation and truncation."
+            "lr). 'adam': Adam moments on S, rotated into each new basis after augmentation and truncation. "
+            "'adam_layer': the same with one second moment per layer (the mean over its coefficients), so each "
+            "coefficient moves in proportion to its momentum and the singular values rank directions by importance "
+            "(per-entry Adam moves every coefficient by about lr per step, which flattens the spectrum)."
         },
     )
     adam_betas: tuple[float, float] = field(

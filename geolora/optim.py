@@ -153,7 +153,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     Args:
         base_optimizer: a torch optimizer whose param groups contain the GeoLoRA factors (and any other trainables).
         model: the model holding the GeoLoRA layers (PeftModel, or any module with layers injected).
-        s_update: ``"sgd"`` (Algorithm 1 exactly) or ``"adam"``; default: the adapter config's ``s_update``.
+        s_update: ``"sgd"`` (Algorithm 1 exactly), ``"adam"`` or ``"adam_layer"``; default: the adapter config's.
         tau, r_min, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps:
             default to the adapter config's values.
     """
@@ -725,7 +725,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             v = torch.where(old, v, torch.where(new_noise, zero, G_aug * G_aug * bc2))
         else:
             v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
-        direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
+        if self.settings["s_update"] == "adam_layer":
+            # one second moment per layer: the mean over its coefficients that have a gradient (old block and the
+            # new off-diagonal blocks), so each coefficient moves in proportion to its momentum and the singular
+            # values keep ranking the directions by importance (per-entry Adam moves every entry by ~lr per step,
+            # which flattens the spectrum and leaves the truncation nothing to cut)
+            rows = Ub.is_old | Ub.is_new
+            cols = Vb.is_old | Vb.is_new
+            live = (rows[:, :, None] & cols[:, None, :]) & ~(Ub.is_new[:, :, None] & Vb.is_new[:, None, :])
+            livef = live.to(v.dtype)
+            v_layer = (v * livef).sum((-2, -1), keepdim=True) / livef.sum((-2, -1), keepdim=True).clamp_min(1.0)
+            direction = (m / bc1) / ((v_layer / bc2).sqrt() + eps) * livef
+        else:
+            direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
         S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
         return S_pad - lr * direction, (m, v, t)
 
@@ -812,7 +824,7 @@ def create_geolora_optimizer(
         optimizer_cls: the optimizer for the non-GeoLoRA trainables (heads, biases); it never updates U or V.
         lr: learning rate of the other trainables, and of the factors unless ``geolora_lr`` is given.
         geolora_lr: λ of the GeoLoRA step.
-        s_update: ``"adam"`` or ``"sgd"`` (default: the adapter config's ``s_update``).
+        s_update: ``"adam"``, ``"adam_layer"`` or ``"sgd"`` (default: the adapter config's ``s_update``).
         optimizer_kwargs: passed to ``optimizer_cls`` (e.g. ``weight_decay``, ``fused``).
     """
     for name, value in (("lr", lr), ("geolora_lr", geolora_lr)):

@@ -61,7 +61,7 @@ VALUE_ERRORS = [
     ({"lora_dropout": -0.1}, "lora_dropout", -0.1, "must be in [0, 1)"),
     ({"lora_dropout": 1.0}, "lora_dropout", 1.0, "must be in [0, 1)"),
     ({"bias": "lora_only"}, "bias", "lora_only", "must be one of ('none', 'all', 'geolora_only')"),
-    ({"s_update": "adamw"}, "s_update", "adamw", "must be one of ('adam', 'sgd')"),
+    ({"s_update": "adamw"}, "s_update", "adamw", "must be one of ('adam', 'adam_layer', 'sgd')"),
     ({"adam_betas": (0.9,)}, "adam_betas", (0.9,), "expected two floats in [0, 1)"),
     ({"adam_betas": (0.9, 1.0)}, "adam_betas", (0.9, 1.0), "expected two floats in [0, 1)"),
     ({"adam_betas": "ab"}, "adam_betas", "ab", "expected two floats in [0, 1)"),

@@ -470,3 +470,26 @@ def test_optimizer_hooks_work():
     sd = opt.state_dict()
     opt.load_state_dict(sd)
     assert calls == [("pre", 0), ("post", 1), ("state_dict", True), ("load", 1)]
+
+
+def test_adam_layer_keeps_the_gradient_spectrum_where_adam_flattens_it():
+    """From S = 0, one step of "adam_layer" is the SGD step scaled by ONE number per layer (its second moment is the
+    layer's mean), so its singular values are proportional to SGD's (the directions keep their importance); per-entry
+    "adam" divides every entry by its own |g| and gives another spectrum."""
+    def one_step(s_update):
+        model = _make(r=3, r_max=6, tau=0.0, s_update=s_update, random_S=False)
+        layer = _layer(model)
+        opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
+        gen = torch.Generator().manual_seed(3)
+        X = torch.randn(32, 10, generator=gen, dtype=torch.float64)
+        ((model(X) - X @ torch.randn(12, 10, generator=gen, dtype=torch.float64).T) ** 2).mean().backward()
+        opt.step()
+        k = layer.r["default"]
+        return torch.diagonal(layer.geolora_S["default"])[:k]
+
+    sgd, layer_adam, adam = one_step("sgd"), one_step("adam_layer"), one_step("adam")
+    assert len(sgd) == len(layer_adam) == len(adam) == 6
+    ratio = layer_adam / sgd
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-9, atol=0)
+    flat = adam / sgd
+    assert (flat.max() / flat.min()).item() > 1.5  # per-entry Adam changes the relative sizes
