@@ -138,7 +138,7 @@ class GeoLoRAConfig(PeftConfig):
         },
     )
     s_update: Literal["adam", "adam_layer", "sgd"] = field(
-        default="adam",
+        default="adam_layer",
         metadata={
             "help": "Coefficient update. 'sgd': the paper's Algorithm 1 exactly (S <- S - lr * grad; needs a large "
             "lr). 'adam': Adam moments on S, rotated into each new basis after augmentation and truncation. "
