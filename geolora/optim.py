@@ -644,8 +644,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             out: dict = {}
             if update:
                 lr, wd = self._lrs(g, U.device, dt)
-            if not update:  # finish_interval: truncate S as it is
+            if not update:  # finish_interval: truncate S as it is; the moments only follow the rotation
                 S_new = S
+                if st["s_update"] != "sgd":
+                    m, v, t = self._load_moments(g, dt, U.device)
+                    out["moments"] = (I._fit(m, rho, rho), I._fit(v, rho, rho), t)
             elif st["s_update"] == "sgd":
                 S_new = S - lr * G
             else:

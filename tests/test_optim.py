@@ -493,3 +493,30 @@ def test_adam_layer_keeps_the_gradient_spectrum_where_adam_flattens_it():
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-9, atol=0)
     flat = adam / sgd
     assert (flat.max() / flat.min()).item() > 1.5  # per-entry Adam changes the relative sizes
+
+
+def test_finish_interval_truncates_once_and_rotates_the_adam_moments():
+    """finish_interval() inside an open interval: one truncation per layer, the next step starts a new interval, and
+    the first moment keeps its meaning in the new basis (U m Vᵀ unchanged when nothing is cut, tau = 0)."""
+    model = _make(r=2, r_max=6, tau=0.0, s_update="adam", augment_every=5, random_S=False)
+    layer = _layer(model)
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):  # augment, one coefficient step: the interval is open
+        X = torch.randn(16, 10, generator=gen, dtype=torch.float64)
+        (model(X) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.mid_interval and opt.phase == "coefficients"
+
+    def first_moment_in_weight_space():
+        k = layer.r["default"]
+        m = opt.state[layer.geolora_S["default"]]["geolora_exp_avg"][0].double()[:k, :k]
+        return layer.geolora_U["default"][:, :k] @ m @ layer.geolora_V["default"][:, :k].T
+
+    before = first_moment_in_weight_space()
+    truncations = opt.truncations
+    assert opt.finish_interval()
+    assert opt.truncations == truncations + 1 and not opt.mid_interval and opt.phase == "augment"
+    torch.testing.assert_close(first_moment_in_weight_space(), before, rtol=1e-5, atol=1e-8)  # moments kept in fp32
+    assert not opt.finish_interval()  # nothing open: a no-op
