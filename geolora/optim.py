@@ -429,16 +429,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         every, n = st["reorthonormalize_every"], self.num_steps + 1
         span = 1 if phase == "step" else st["augment_every"]
         do_reortho = bool(every) and phase in ("step", "truncate") and n // every > (n - span) // every
-        offset = 1
         with record_function("geolora::write"):
-            a = self.adapter_name
-            for g, w, r_new in zip(self._groups, work, agreed):
-                self._write_group(g, w, r_new, do_reortho)
-                for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
-                    layer.r[a] = k
-                offset += len(g.layers)
-                if phase in ("step", "truncate"):
-                    self.truncations += len(g.layers)
+            self._write_all(work, agreed, host[1:], do_reortho, truncating=phase in ("step", "truncate"))
         self.num_steps += 1
         if st["sync_factors_every"] and self.num_steps % st["sync_factors_every"] == 0:
             buffers = [b for g in self._groups for b in g.rank_buffers]
@@ -601,15 +593,21 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         flat = _agree_across_processes(torch.cat([torch.zeros(1, dtype=torch.int64, device=device)]
                                                  + [r.to(torch.int64) for r in ranks]))
         host = flat.tolist()
-        offset = 1
-        for g, w, r_new in zip(self._groups, work, torch.split(flat[1:], sizes)):
-            self._write_group(g, w, r_new, reortho=False)
-            for layer, k in zip(g.layers, host[offset : offset + len(g.layers)]):
-                layer.r[self.adapter_name] = k
-            offset += len(g.layers)
-            self.truncations += len(g.layers)
+        self._write_all(work, torch.split(flat[1:], sizes), host[1:], reortho=False, truncating=True)
         self._interval_offset = (self._interval_offset - self._interval_position()) % st["augment_every"]
         return True
+
+    def _write_all(self, work: list[dict], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool,
+                   truncating: bool) -> None:
+        """Write every group's new factors and ranks (device ``ranks``, and their host copy for the layers' mirror)."""
+        offset = 0
+        for g, w, r_new in zip(self._groups, work, ranks):
+            self._write_group(g, w, r_new, reortho)
+            for layer, k in zip(g.layers, host_ranks[offset : offset + len(g.layers)]):
+                layer.r[self.adapter_name] = k
+            offset += len(g.layers)
+            if truncating:
+                self.truncations += len(g.layers)
 
     def _budget_ranks(self, work: list[dict], device) -> list[torch.Tensor]:
         """The global budget's ranks from every group's singular values (no host synchronisation)."""
@@ -642,17 +640,17 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         live = I.column_mask(ranks, rho)  # (B, ρ)
         with record_function("geolora::coefficients"):
             out: dict = {}
-            if update:
-                lr, wd = self._lrs(g, U.device, dt)
             if not update:  # finish_interval: truncate S as it is; the moments only follow the rotation
                 S_new = S
                 if st["s_update"] != "sgd":
                     m, v, t = self._load_moments(g, dt, U.device)
                     out["moments"] = (I._fit(m, rho, rho), I._fit(v, rho, rho), t)
             elif st["s_update"] == "sgd":
+                lr, _ = self._lrs(g, U.device, dt)
                 S_new = S - lr * G
             else:
                 # every live entry has history (no new directions): Adam on all of them
+                lr, wd = self._lrs(g, U.device, dt)
                 S_new, moments = self._adam_coefficients(g, S, G, _fixed_basis(U, live), _fixed_basis(V, live), lr, wd)
                 out["moments"] = moments
             out["nonfinite"] = ~torch.isfinite(S_new).all()
