@@ -378,7 +378,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
             raise ValueError(f"geolora_r_max_factor must be a number >= 1, got {factor!r}")
         r_max = hp.get("geolora_r_max") or int(round(factor * r))  # an absolute r_max wins (same for every r)
         # knobs a suite may set; unset ones keep GeoLoRAConfig's defaults
-        extra = {k: hp[k] for k in ("augment_every", "scale_by", "rank_budget", "budget_type") if k in hp}
+        extra = {k: hp[k] for k in ("augment_every", "scale_by", "rank_budget", "budget_type", "tau_warmup_ratio",
+                                      "tau_warmup_steps") if k in hp}
         return geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
                                      **extra, **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")

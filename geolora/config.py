@@ -177,6 +177,21 @@ class GeoLoRAConfig(PeftConfig):
             "truncated once per interval; the capacity stays r_max."
         },
     )
+    tau_warmup_ratio: float = field(
+        default=0.25,
+        metadata={
+            "help": "Ramp tau linearly from 0 to its value over this fraction of the training steps (like the "
+            "Trainer's warmup_ratio). While tau is near 0 every layer may grow up to r_max, so the initial rank only "
+            "sets where a layer starts; as tau rises the truncation removes what the task does not need. Needs the "
+            "number of training steps: GeoLoRACallback takes it from the Trainer; in a custom loop pass "
+            "num_training_steps to create_geolora_optimizer. 0 = no ramp. Ignored when tau_warmup_steps is set."
+        },
+    )
+    tau_warmup_steps: Optional[int] = field(
+        default=None,
+        metadata={"help": "The tau ramp in optimizer steps instead of a fraction (0 = no ramp); overrides "
+                  "tau_warmup_ratio."},
+    )
     reorthonormalize_every: int = field(
         default=100,
         metadata={"help": "Re-orthonormalise U and V by QR every this many steps (0 = never); cheap, guards drift."},
@@ -271,6 +286,10 @@ class GeoLoRAConfig(PeftConfig):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 _fail(name, value, "expected an int >= 0")
+        if not _is_real(self.tau_warmup_ratio) or not (0.0 <= self.tau_warmup_ratio <= 1.0):
+            _fail("tau_warmup_ratio", self.tau_warmup_ratio, "expected a float in [0, 1] (0 = no ramp)")
+        if self.tau_warmup_steps is not None and (not _is_int(self.tau_warmup_steps) or self.tau_warmup_steps < 0):
+            _fail("tau_warmup_steps", self.tau_warmup_steps, "expected an int >= 0 (0 = no ramp) or None")
         if not _is_int(self.augment_every) or self.augment_every < 1:
             _fail("augment_every", self.augment_every, "expected an int >= 1 (1 = Algorithm 1, every step)")
         if self.rank_pattern is None:

@@ -189,7 +189,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "adam_betas": tuple(cfg.adam_betas),
             "adam_eps": cfg.adam_eps,
             "augment_every": cfg.augment_every,
+            "tau_warmup_ratio": getattr(cfg, "tau_warmup_ratio", 0.0),
+            "tau_warmup_steps": getattr(cfg, "tau_warmup_steps", None),
         }
+        num_training_steps = overrides.pop("num_training_steps", None)
         unknown = set(overrides) - set(settings)
         if unknown:
             raise TypeError(f"Unknown GeoLoRAOptimizer arguments: {sorted(unknown)}")
@@ -199,6 +202,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
             reorthonormalize_every=settings["reorthonormalize_every"],
             sync_factors_every=settings["sync_factors_every"], augment_every=settings["augment_every"],
+            tau_warmup_ratio=settings["tau_warmup_ratio"], tau_warmup_steps=settings["tau_warmup_steps"],
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
@@ -218,6 +222,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self.truncations = 0
         self._last_warn = -math.inf
         self._suppressed = 0
+        self._num_training_steps: Optional[int] = None
+        self.num_training_steps = num_training_steps
+        self._warned_no_total = False
         self._interval_offset = 0  # shifts the interval so that the step after finish_interval() augments
         self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
         self._guard_done = False
@@ -272,6 +279,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "skipped_steps": self.skipped_steps,
             "positive_lr_steps": self._positive_lr_steps,
             "interval_offset": self._interval_offset,
+            "num_training_steps": self._num_training_steps,
         }
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
@@ -293,6 +301,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._positive_lr_steps = int(extra.get("positive_lr_steps", self.num_steps))
             self._guard_done = self._positive_lr_steps > NEVER_TRAINED_STEPS
             self._interval_offset = int(extra.get("interval_offset", 0))
+            if extra.get("num_training_steps") is not None and self._num_training_steps is None:
+                self._num_training_steps = int(extra["num_training_steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -562,9 +572,55 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         out.update(P=P, sigma=sigma, Qh=Qh)
         # augmentation of an interval keeps every direction that fits the capacity (τ = 0): the truncation by τ comes
         # at the interval's last step, after the new directions had the interval to grow or fade
-        tau = 0.0 if augment_only else st["tau"]
+        tau = 0.0 if augment_only else self.current_tau
         out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=ranks)
         return out
+
+    @property
+    def num_training_steps(self) -> Optional[int]:
+        """The run's total optimizer steps, which a ``tau_warmup_ratio`` is a fraction of (``GeoLoRACallback`` sets it
+        from the Trainer's ``max_steps``; ``create_geolora_optimizer(num_training_steps=...)`` in a custom loop)."""
+        return self._num_training_steps
+
+    @num_training_steps.setter
+    def num_training_steps(self, value: Optional[int]) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"num_training_steps={value!r} is invalid: expected an int >= 0 or None")
+        self._num_training_steps = value
+
+    @property
+    def tau_warmup(self) -> int:
+        """Length of the tau ramp in optimizer steps (0: none)."""
+        st = self.settings
+        if st["tau_warmup_steps"] is not None:
+            return int(st["tau_warmup_steps"])
+        ratio = float(st["tau_warmup_ratio"] or 0.0)
+        if ratio <= 0:
+            return 0
+        if self._num_training_steps is None:
+            if not self._warned_no_total:
+                self._warned_no_total = True
+                warnings.warn(
+                    f"GeoLoRA: tau_warmup_ratio={ratio} is a fraction of the training steps, but the optimizer was not "
+                    "told how many there are, so tau is applied in full from the first step (no ramp; from a small "
+                    "initial rank the layers may then stay small). Pass num_training_steps to "
+                    "create_geolora_optimizer (GeoLoRACallback does it for the Trainer), or set tau_warmup_steps "
+                    "in the GeoLoRAConfig (0 to silence this).",
+                    UserWarning,
+                    stacklevel=4,
+                )
+            return 0
+        return int(round(ratio * self._num_training_steps))
+
+    @property
+    def current_tau(self) -> float:
+        """The truncation tolerance of the current step: ``tau`` ramped linearly from 0 over the first
+        ``tau_warmup`` optimizer steps (a plain float from the step counter: identical on every process and after
+        resuming)."""
+        tau, warm = self.settings["tau"], self.tau_warmup
+        if warm <= 0:
+            return tau
+        return tau * min(1.0, (self.num_steps + 1) / warm)
 
     @property
     def mid_interval(self) -> bool:
@@ -661,7 +717,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_new, full_matrices=False)
         out.update(Ub=_fixed_basis(U.to(dt), live), Vb=_fixed_basis(V.to(dt), live), P=P, sigma=sigma, Qh=Qh)
-        out["ranks"] = I.truncation_rank(sigma, st["tau"], g.r_min, min(g.r_max, g.cap), current=ranks)
+        out["ranks"] = I.truncation_rank(sigma, self.current_tau, g.r_min, min(g.r_max, g.cap), current=ranks)
         return out
 
     # Adam moments of S: ONE stacked tensor per group, (B, c, c), in the optimizer state of the group's first S
@@ -812,6 +868,7 @@ def create_geolora_optimizer(
     lr: float,
     geolora_lr: Optional[float] = None,
     s_update: Optional[str] = None,
+    num_training_steps: Optional[int] = None,
     **optimizer_kwargs: Any,
 ) -> GeoLoRAOptimizer:
     """Build the optimizer for GeoLoRA training in any loop.
@@ -826,6 +883,8 @@ def create_geolora_optimizer(
         lr: learning rate of the other trainables, and of the factors unless ``geolora_lr`` is given.
         geolora_lr: λ of the GeoLoRA step.
         s_update: ``"adam"``, ``"adam_layer"`` or ``"sgd"`` (default: the adapter config's ``s_update``).
+        num_training_steps: the run's total optimizer steps; the config's ``tau_warmup_ratio`` is a fraction of them
+            (without it, and without ``tau_warmup_steps``, tau applies in full from the first step, with a warning).
         optimizer_kwargs: passed to ``optimizer_cls`` (e.g. ``weight_decay``, ``fused``).
     """
     for name, value in (("lr", lr), ("geolora_lr", geolora_lr)):
@@ -849,4 +908,4 @@ def create_geolora_optimizer(
     if other:
         groups.append({"params": other, "lr": lr})
     base = optimizer_cls(groups, lr=lr, **optimizer_kwargs)
-    return GeoLoRAOptimizer(base, model, s_update=s_update)
+    return GeoLoRAOptimizer(base, model, s_update=s_update, num_training_steps=num_training_steps)

@@ -42,7 +42,7 @@ def run(r: int, lr: float, steps: int, seed: int = 0, batch: int = 64, log_every
     base = Regression()
     delta = target_update(seed=seed).float()
     model = peft.get_peft_model(base, geolora.GeoLoRAConfig(r=r, target_modules=["lin"], **config))
-    opt = geolora.create_geolora_optimizer(model, lr=lr)
+    opt = geolora.create_geolora_optimizer(model, lr=lr, num_training_steps=steps)
     layer = next(m for m in model.modules() if isinstance(m, geolora.GeoLoRALayer))
     g = torch.Generator().manual_seed(seed)
     w0 = base.lin.weight.detach().clone()
