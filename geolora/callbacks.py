@@ -141,8 +141,9 @@ class GeoLoRACallback(TrainerCallback):
                 "Trainer(optimizers=(optimizer, None))."
             )
         self.optimizer.num_steps = state.global_step
-        if state.max_steps and state.max_steps > 0:
-            self.optimizer.num_training_steps = int(state.max_steps)  # what tau_warmup_ratio is a fraction of
+        max_steps = getattr(state, "max_steps", 0)
+        if max_steps and max_steps > 0:
+            self.optimizer.num_training_steps = int(max_steps)  # what tau_warmup_ratio is a fraction of
         logger.info(
             "GeoLoRA: %d layers, s_update=%s, ranks %s",
             len(find_geolora_layers(inner_model)), self.optimizer.settings["s_update"],

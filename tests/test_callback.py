@@ -47,6 +47,8 @@ def test_trainer_callback_trains_with_accumulation_and_clipping(tmp_path, augmen
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer, cb = _train(tmp_path, model)
     assert cb.optimizer.num_steps == trainer.state.global_step == 12  # 64/8/2 per epoch x 3
+    assert cb.optimizer.num_training_steps == trainer.state.max_steps == 12  # the tau ramp's length is a fraction of it
+    assert cb.optimizer.tau_warmup == 3 and cb.optimizer.current_tau == 0.3
     # one truncation per layer per interval; with 5 the run ends 2 steps into an open interval, which on_train_end
     # truncates: intervals 1-5, 6-10, 11-12
     assert cb.optimizer.truncations == -(-12 // augment_every) * 4

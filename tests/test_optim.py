@@ -520,3 +520,59 @@ def test_finish_interval_truncates_once_and_rotates_the_adam_moments():
     assert opt.truncations == truncations + 1 and not opt.mid_interval and opt.phase == "augment"
     torch.testing.assert_close(first_moment_in_weight_space(), before, rtol=1e-5, atol=1e-8)  # moments kept in fp32
     assert not opt.finish_interval()  # nothing open: a no-op
+
+
+# ------------------------------------------------------------------------------------------------------- the tau ramp
+
+
+def _ramp_step_taus(opt, model, steps):
+    """tau used by each step's truncation (read from the optimizer right before the step)."""
+    taus = []
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        taus.append(opt.current_tau)
+        model(torch.randn(8, 10, generator=gen, dtype=torch.float64)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return taus
+
+
+def test_tau_ramps_linearly_over_the_ratio_of_the_training_steps():
+    model = _make(tau=0.2)
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=40)
+    assert opt.tau_warmup == 10  # round(0.25 * 40)
+    taus = _ramp_step_taus(opt, model, 12)
+    assert taus[:10] == pytest.approx([0.2 * (k + 1) / 10 for k in range(10)])
+    assert taus[10:] == pytest.approx([0.2, 0.2])
+
+
+def test_tau_warmup_steps_overrides_the_ratio_and_zero_disables_the_ramp():
+    model = _make(tau=0.2, tau_warmup_steps=4)
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=1000)
+    assert _ramp_step_taus(opt, model, 5) == pytest.approx([0.05, 0.1, 0.15, 0.2, 0.2])
+    model = _make(tau=0.2, tau_warmup_steps=0)
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=1000)
+    assert _ramp_step_taus(opt, model, 2) == pytest.approx([0.2, 0.2])
+
+
+def test_ramp_ratio_without_the_number_of_training_steps_warns_once_and_applies_full_tau():
+    model = _make(tau=0.2)
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
+    with pytest.warns(UserWarning, match=r"tau_warmup_ratio=0.25 .*num_training_steps") as record:
+        taus = _ramp_step_taus(opt, model, 3)
+    assert taus == pytest.approx([0.2] * 3)
+    assert sum("tau_warmup_ratio" in str(w.message) for w in record) == 1
+    with pytest.raises(ValueError, match=r"num_training_steps=-1 is invalid"):
+        opt.num_training_steps = -1
+
+
+def test_ramp_resumes_where_it_was():
+    """The ramp is a function of the step counter and the saved total: a fresh optimizer loaded from a state dict
+    continues it (in a custom loop that does not pass the total again, too)."""
+    model = _make(tau=0.2)
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=40)
+    _ramp_step_taus(opt, model, 5)
+    sd = copy.deepcopy(opt.state_dict())
+    fresh = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
+    fresh.load_state_dict(sd)
+    assert fresh.num_training_steps == 40 and fresh.current_tau == pytest.approx(opt.current_tau) == pytest.approx(0.12)
