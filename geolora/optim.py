@@ -791,7 +791,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             cols = Vb.is_old | Vb.is_new
             live = (rows[:, :, None] & cols[:, None, :]) & ~(Ub.is_new[:, :, None] & Vb.is_new[:, None, :])
             livef = live.to(v.dtype)
-            v_layer = (v * livef).sum((-2, -1), keepdim=True) / livef.sum((-2, -1), keepdim=True).clamp_min(1.0)
+            # normalised by the capacity, not the live count: a mean over the live entries would shrink as the rank
+            # grows (the new entries' gradients are small) and so enlarge the steps of every entry, the strong ones too
+            v_layer = (v * livef).sum((-2, -1), keepdim=True) / float(g.cap)
             direction = (m / bc1) / ((v_layer / bc2).sqrt() + eps) * livef
         else:
             direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
