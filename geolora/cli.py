@@ -43,7 +43,7 @@ RUN_INFO = "geolora_run.json"
 # TrainingArguments defaults of the CLI: the built-in quick start (configs/quickstart.yaml spells them out).
 TRAINING_DEFAULTS = dict(
     output_dir="runs/quickstart",
-    learning_rate=5e-3,
+    learning_rate=1e-2,
     num_train_epochs=2,
     per_device_train_batch_size=32,
     per_device_eval_batch_size=64,

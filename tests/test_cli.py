@@ -554,6 +554,8 @@ KNOB_VALUES = {
     "budget_type": (["params"], "params"),
     "reorthonormalize_every": (["7"], 7),
     "augment_every": (["10"], 10),
+    "tau_warmup_ratio": (["0.5"], 0.5),
+    "tau_warmup_steps": (["40"], 40),
     "scale_by": (["r"], "r"),
     "sync_factors_every": (["3"], 3),
     "static_shapes": (["true"], True),
