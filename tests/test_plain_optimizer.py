@@ -197,7 +197,7 @@ def test_geolora_callback_run_is_not_flagged(tmp_path):
 def test_create_geolora_optimizer_loop_is_not_flagged_across_model_operations(tmp_path):
     """Between GeoLoRA steps: .to(), load_state_dict, merge/unmerge, a training forward of a copy: no warning."""
     model = _net_model()
-    opt = geolora.create_geolora_optimizer(model, lr=1e-2)  # grows capacity (new Parameters)
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2, num_training_steps=30)  # grows capacity (new Parameters)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
         for i in range(30):
@@ -219,7 +219,7 @@ def test_bf16_factors_trained_by_geolora_save_and_resave_in_float32(tmp_path):
     factors (the default autocast_adapter_dtype=True) they keep that error and must still save."""
     model = _bert_model(torch.bfloat16, autocast=False)
     assert {layer.geolora_U["default"].dtype for layer in _layers(model)} == {torch.bfloat16}
-    opt = geolora.create_geolora_optimizer(model, lr=5e-2)
+    opt = geolora.create_geolora_optimizer(model, lr=5e-2, num_training_steps=24)
     data = _data(32)
     ids = torch.tensor(data["input_ids"])
     labels = torch.tensor(data["labels"])
