@@ -138,7 +138,7 @@ class Method:
                                         task_type=task)
             self.model = peft.get_peft_model(base, cfg)
             if name == "geolora":
-                self.opt = geolora.create_geolora_optimizer(self.model, lr=lr)
+                self.opt = geolora.create_geolora_optimizer(self.model, lr=lr, num_training_steps=total_step)
             else:  # what GeoLoRACallback does on a Trainer: its AdamW (decay / no-decay groups) wrapped
                 geolora.grow_capacity(self.model)
                 decay, no_decay = [], []
@@ -147,7 +147,7 @@ class Method:
                         (no_decay if ("bias" in n or "LayerNorm" in n or "norm" in n) else decay).append(p)
                 inner = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
                                            {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-                self.opt = geolora.GeoLoRAOptimizer(inner, self.model)
+                self.opt = geolora.GeoLoRAOptimizer(inner, self.model, num_training_steps=total_step)
             self._time_wrapped_step()
         else:  # pragma: no cover
             raise ValueError(name)
