@@ -298,3 +298,27 @@ def test_runner_under_torchrun_two_processes(tmp_path):
         single = cell["runs"][0]["total_steps"]
     n_train = cell["provenance"]["split_sizes"]["train"]
     assert single == 2 * -(-n_train // (16 * 2))  # 2 epochs of batch 16 per process, 2 processes
+
+
+def test_rank_study_summary_reads_partial_cells_and_prefers_finished_ones(tmp_path):
+    import rank_study
+
+    def run(r, finals, acc):
+        ranks = [[r, r], [r + 3, r + 3], finals]
+        return {"r": r, "adapter_params_kept": 100 * sum(finals), "test": {"accuracy": acc},
+                "rank_trajectory": {"layers": ["a", "b"], "steps": [0, 100, 300], "ranks": ranks}}
+
+    suite = tmp_path / "rank-init"
+    suite.mkdir()
+    (suite / "geolora--t1--0.partial.json").write_text(json.dumps({"runs": [run(2, [5, 5], 0.5)]}))
+    (suite / "geolora--t1--0.json").write_text(json.dumps({"runs": [run(16, [6, 6], 0.9), run(2, [4, 6], 0.8)]}))
+    (suite / "geolora--t2--0.partial.json").write_text(json.dumps({"runs": [run(4, [3, 3], 0.7)]}))
+    assert rank_study.main(["--results-dir", str(tmp_path), "--suite", "rank-init"]) == 0
+    text = (suite / "summary.md").read_text()
+    assert "| t1 | 2 | 10 / 10 / 10 | 100 | 1,000 | 0.800 |" in text  # the finished file, not the partial one
+    assert "| t1 | 16 | 38 / 12 / 12 | 300 | 1,200 | 0.900 |" in text
+    assert "max/min 1.20x (+-9% around the midpoint)" in text
+    assert "| t2 | 4 | 14 / 6 / 6 | 300 | 600 | 0.700 |" in text and text.count("spread") == 1
+    assert (suite / "rank-over-steps.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        rank_study.main(["--results-dir", str(tmp_path), "--suite", "missing"])
