@@ -184,7 +184,8 @@ class GeoLoRAConfig(PeftConfig):
             "Trainer's warmup_ratio). While tau is near 0 every layer may grow up to r_max, so the initial rank only "
             "sets where a layer starts; as tau rises the truncation removes what the task does not need. Needs the "
             "number of training steps: GeoLoRACallback takes it from the Trainer; in a custom loop pass "
-            "num_training_steps to create_geolora_optimizer. 0 = no ramp. Ignored when tau_warmup_steps is set."
+            "num_training_steps to create_geolora_optimizer. 0 = no ramp. Ignored when tau_warmup_steps is set. A "
+            "rank_budget is not ramped."
         },
     )
     tau_warmup_steps: Optional[int] = field(
