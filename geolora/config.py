@@ -38,8 +38,9 @@ class GeoLoRAConfig(PeftConfig):
     efficient fine-tuning", ICLR 2025).
 
     Each adapted weight is ``W0 + s * U S V^T`` with orthonormal ``U`` (out x r), ``V`` (in x r) and a small
-    coefficient matrix ``S`` (r x r), ``s = lora_alpha / r_max``.  Every optimizer step augments the bases with the
-    gradient directions and truncates ``S`` by SVD, so each layer finds its own rank in ``[r_min, r_max]``.
+    coefficient matrix ``S`` (r x r), ``s = lora_alpha / r_max``.  Every ``augment_every`` optimizer steps the bases
+    are augmented with the gradient directions and ``S`` is truncated by SVD, so each layer finds its own rank in
+    ``[r_min, r_max]``.
 
     Args:
         r (`int`): Initial rank of every adapted layer (unless `rank_pattern` says otherwise).
@@ -47,11 +48,16 @@ class GeoLoRAConfig(PeftConfig):
         r_min (`int`): Smallest rank a layer is truncated to.
         tau (`float`): Relative truncation tolerance in [0, 1): a layer keeps the fewest singular values whose
             discarded tail has norm <= tau * (norm of all singular values).
+        tau_warmup_ratio (`float`): `tau` ramps linearly from 0 over this fraction of the training steps (default
+            0.25), so every layer may first grow toward `r_max` whatever its initial rank; `tau_warmup_steps` (`int`)
+            gives the ramp in steps instead.
+        augment_every (`int`): Steps per augmentation interval (1 = the paper's Algorithm 1, every step).
         lora_alpha (`float`): Scaling numerator; `s = lora_alpha / r_max`, constant for the whole run.
         scale_by (`str`): `"r_max"` (default) or `"r"` (the initial rank; adapters saved before this field).
         lora_dropout (`float`): Dropout on the adapter input.
         s_update (`str`): How the coefficients are updated: `"sgd"` is the paper's Algorithm 1 exactly, `"adam"`
-            is Adam on S with moments rotated into each new basis (see `geolora.optim`).
+            is Adam on S with moments rotated into each new basis, `"adam_layer"` (default) the same with one second
+            moment per layer (see `geolora.optim`).
         rank_budget (`int`): If set, a global budget replaces per-layer `tau` (the paper's budget variant).
     """
 
