@@ -141,9 +141,8 @@ class GeoLoRACallback(TrainerCallback):
                 "Trainer(optimizers=(optimizer, None))."
             )
         self.optimizer.num_steps = state.global_step
-        max_steps = getattr(state, "max_steps", 0)
-        if max_steps and max_steps > 0:
-            self.optimizer.num_training_steps = int(max_steps)  # what tau_warmup_ratio is a fraction of
+        if state.max_steps > 0:
+            self.optimizer.num_training_steps = int(state.max_steps)  # what tau_warmup_ratio is a fraction of
         logger.info(
             "GeoLoRA: %d layers, s_update=%s, ranks %s",
             len(find_geolora_layers(inner_model)), self.optimizer.settings["s_update"],

@@ -154,12 +154,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         base_optimizer: a torch optimizer whose param groups contain the GeoLoRA factors (and any other trainables).
         model: the model holding the GeoLoRA layers (PeftModel, or any module with layers injected).
         s_update: ``"sgd"`` (Algorithm 1 exactly), ``"adam"`` or ``"adam_layer"``; default: the adapter config's.
+        num_training_steps: the run's total optimizer steps, which ``tau_warmup_ratio`` is a fraction of (settable
+            later as the attribute of that name; ``GeoLoRACallback`` sets it from the Trainer).
         tau, r_min, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps:
             default to the adapter config's values.
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, *, s_update: Optional[str] = None,
-                 adapter_name: Optional[str] = None, **overrides: Any) -> None:
+                 adapter_name: Optional[str] = None, num_training_steps: Optional[int] = None,
+                 **overrides: Any) -> None:
         if isinstance(base_optimizer, GeoLoRAOptimizer):
             raise ValueError("base_optimizer is already a GeoLoRAOptimizer")
         self.base_optimizer = base_optimizer
@@ -192,7 +195,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "tau_warmup_ratio": getattr(cfg, "tau_warmup_ratio", 0.0),
             "tau_warmup_steps": getattr(cfg, "tau_warmup_steps", None),
         }
-        num_training_steps = overrides.pop("num_training_steps", None)
         unknown = set(overrides) - set(settings)
         if unknown:
             raise TypeError(f"Unknown GeoLoRAOptimizer arguments: {sorted(unknown)}")

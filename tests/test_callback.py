@@ -182,7 +182,7 @@ def test_callback_installs_into_accelerated_optimizer_with_gradscaler():
         cb = geolora.GeoLoRACallback()
         cb.on_init_end(None, None, None, model=m)
         opt = AcceleratedOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2), device_placement=False, scaler=scaler)
-        state = SimpleNamespace(global_step=0)
+        state = SimpleNamespace(global_step=0, max_steps=0)
         cb.on_train_begin(SimpleNamespace(fsdp=None), state, None, model=m, optimizer=opt)
         return cb, opt
 

@@ -576,3 +576,26 @@ def test_ramp_resumes_where_it_was():
     fresh = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
     fresh.load_state_dict(sd)
     assert fresh.num_training_steps == 40 and fresh.current_tau == pytest.approx(opt.current_tau) == pytest.approx(0.12)
+
+
+def test_adam_layer_step_does_not_grow_with_the_live_rank():
+    """The same gradient on one coefficient, the other live coefficients with zero gradient: the step of that
+    coefficient is the same at live rank 2 and 8 (the second moment is divided by the capacity; a mean over the live
+    entries would shrink with the rank and enlarge the step 4x here)."""
+    from geolora.integrator import column_mask
+    from geolora.optim import _fixed_basis
+
+    model = _make(r=2, r_max=8, s_update="adam_layer", random_S=False)
+    opt = geolora.create_geolora_optimizer(model, lr=0.1, num_training_steps=10)
+    g = opt._groups[0]
+    steps = []
+    for rank in (2, 8):
+        U = torch.linalg.qr(torch.randn(1, 12, rank, dtype=torch.float64))[0]
+        V = torch.linalg.qr(torch.randn(1, 10, rank, dtype=torch.float64))[0]
+        live = column_mask(torch.tensor([rank]), rank)
+        G = torch.zeros(1, rank, rank, dtype=torch.float64)
+        G[0, 0, 0] = 0.5
+        S = torch.zeros_like(G)
+        S_new, _ = opt._adam_coefficients(g, S, G, _fixed_basis(U, live), _fixed_basis(V, live), 0.1, 0.0)
+        steps.append(float(S_new[0, 0, 0]))
+    assert steps[0] == pytest.approx(steps[1], rel=1e-9) and steps[0] < 0, steps
