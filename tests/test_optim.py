@@ -264,8 +264,12 @@ def test_gradient_accumulation_equals_full_batch(augment_every, s_update):
             nn.functional.cross_entropy(m2(X[half]), y[half], reduction="sum").backward()
         o2.step()
         o2.zero_grad()
-        for p1, p2 in zip(m1.parameters(), m2.parameters()):
-            assert torch.allclose(p1, p2, atol=1e-5)
+        # The adapted weights and ranks agree; the factors only up to the sign of a basis column (QR/SVD choose
+        # signs from round-off-level differences between the accumulated and the full-batch gradient).
+        for name in ("a", "b"):
+            l1, l2 = _layer(m1, name), _layer(m2, name)
+            assert l1.r["default"] == l2.r["default"]
+            assert torch.allclose(l1.get_delta_weight("default"), l2.get_delta_weight("default"), atol=1e-5)
     assert phases == (["step"] if augment_every == 1 else ["augment", "coefficients", "truncate"])
     assert o1.truncations == o2.truncations == 2  # two layers, one truncation each
     assert geolora.get_ranks(m1) == geolora.get_ranks(m2)
