@@ -11,6 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from .bnb import check_quantized_merge, dispatch_bnb
 from .config import GeoLoRAConfig
 from .layer import TRAIN_WITH_GEOLORA, GeoLoRALayer, dispatch_layer
 
@@ -68,6 +69,12 @@ class GeoLoRAModel(BaseTuner):
                 trainable,
             )
 
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, then: no quantized (bitsandbytes) layer would lose its update to requantization; raises
+        before any layer is merged (``merge_adapter`` and ``merge_and_unload`` call this first)."""
+        super()._check_merge_allowed()
+        check_quantized_merge(self.model, list(self.active_adapters))
+
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
@@ -76,7 +83,8 @@ class GeoLoRAModel(BaseTuner):
         if isinstance(target, GeoLoRALayer):
             target.update_layer(adapter_name, r, config=config)
             return
-        new_module = dispatch_layer(target, adapter_name, config, r, current_key)
+        new_module = dispatch_bnb(target, adapter_name, config, r) or dispatch_layer(
+            target, adapter_name, config, r, current_key)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -179,7 +187,14 @@ class GeoLoRAModel(BaseTuner):
 
     # ------------------------------------------------------------------ ranks
     def get_ranks(self, adapter_name: str | None = None) -> dict[str, int]:
-        return get_ranks(self.model, adapter_name or self.active_adapter)
+        """The current rank of every layer of ``adapter_name`` (default: the active adapter), by module name; also
+        reachable as ``peft_model.get_ranks()``."""
+        if adapter_name is None:
+            active = self.active_adapters
+            if len(active) != 1:
+                raise ValueError(f"get_ranks: {len(active)} adapters are active ({active}); pass adapter_name=...")
+            adapter_name = active[0]
+        return get_ranks(self.model, adapter_name)
 
 
 def _check_saved_shapes(module: GeoLoRALayer, module_name: str, adapter_name: str, sd: dict, k: int) -> None:

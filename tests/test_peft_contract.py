@@ -393,6 +393,8 @@ def test_multiple_adapters(tiny_specs, tmp_path):
     assert not torch.allclose(out_other, out_default, atol=1e-4)
     assert geolora.get_ranks(model) == {"conv": 2}
     assert geolora.get_ranks(model, "default") == geolora.get_ranks(model.base_model.model, "default")
+    assert model.get_ranks() == {"conv": 2}  # the method PeftModel forwards to GeoLoRAModel (failed on a list)
+    assert model.get_ranks("default") == geolora.get_ranks(model, "default")
     # only the active adapter trains; its optimizer finds exactly one trainable adapter
     assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith(".default") and "geolora" in n)
 
