@@ -116,9 +116,11 @@ class GeoLoRACallback(TrainerCallback):
         return optimizer
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if getattr(args, "fsdp", None):
+        if getattr(args, "fsdp", None) and int((getattr(args, "fsdp_config", None) or {}).get("version", 2)) != 2:
             raise RuntimeError(
-                "GeoLoRA does not support FSDP yet (TrainingArguments.fsdp is set). Use DDP: drop the fsdp options."
+                "GeoLoRA supports FSDP2 only: TrainingArguments(fsdp=..., fsdp_config={'version': 2}) (transformers' "
+                "default) or fsdp_version: 2 in the accelerate config; FSDP1's flat parameters hide the factors' "
+                "shapes. Or use DDP: drop the fsdp options."
             )
         if optimizer is None:
             raise RuntimeError("GeoLoRACallback: the Trainer passed no optimizer to on_train_begin.")

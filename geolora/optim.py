@@ -32,6 +32,7 @@ import math
 import time
 import warnings
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -94,22 +95,41 @@ def _geolora_config(model: nn.Module, adapter_name: str):
     return None
 
 
-def check_not_fsdp(model: nn.Module) -> None:
-    """GeoLoRA's step copies whole factors; FSDP shards them. Refuse clearly instead of failing deep inside."""
-    names = {type(m).__name__ for m in model.modules()}
-    sharded = any(n.startswith(("FullyShardedDataParallel", "FSDP")) for n in names)
-    if not sharded:
-        try:
-            from torch.distributed.tensor import DTensor
+def _dtensor_cls():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without torch.distributed.tensor
+        return None
+    return DTensor
 
-            sharded = any(isinstance(p, DTensor) for p in model.parameters())
-        except ImportError:  # pragma: no cover
-            pass
-    if sharded:
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2's ``fully_shard``)."""
+    cls = _dtensor_cls()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def check_not_fsdp(model: nn.Module) -> None:
+    """Refuse FSDP1 (``FullyShardedDataParallel``, flat parameters: GeoLoRA's factors lose their shapes) with a clear
+    error; FSDP2 (``fully_shard``, per-parameter DTensors) is supported: the step gathers each factor (see
+    :class:`GeoLoRAOptimizer`)."""
+    fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel"
+                or (type(m).__name__.startswith("FSDP") and not _is_fsdp2(m)) for m in model.modules())
+    if fsdp1:
         raise RuntimeError(
-            "GeoLoRA does not support FSDP yet: its step needs whole U, S, V factors on every process. "
-            "Use DDP (accelerate launch / torchrun without an FSDP config); the adapter itself is small."
+            "GeoLoRA supports FSDP2 (torch.distributed.fsdp.fully_shard; TrainingArguments(fsdp=..., "
+            "fsdp_config={'version': 2}), the default in transformers 5, or fsdp_version: 2 in an accelerate config), "
+            "not FSDP1's FullyShardedDataParallel, whose flat parameters hide the factors' shapes. Switch to FSDP2, "
+            "or use DDP (the adapter itself is small)."
         )
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def trainable_adapter(layers: list[tuple[str, GeoLoRALayer]]) -> str:
@@ -137,8 +157,16 @@ def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
     or a DDP wrapper (it creates new Parameter objects); create_geolora_optimizer and GeoLoRACallback do it for you."""
     layers = find_geolora_layers(_unwrap(model))
     adapter_name = adapter_name or trainable_adapter(layers)
-    for _, layer in layers:
+    for name, layer in layers:
         if adapter_name in layer.geolora_U:
+            if is_sharded(layer.geolora_U[adapter_name]):
+                if layer.capacity(adapter_name) < layer.r_max[adapter_name]:
+                    raise RuntimeError(
+                        f"GeoLoRA layer '{name}' is sharded by FSDP2 at capacity {layer.capacity(adapter_name)} < "
+                        f"r_max {layer.r_max[adapter_name]}: call geolora.grow_capacity(model) before fully_shard "
+                        "(GeoLoRACallback does it in Trainer.__init__, before the Trainer shards the model)."
+                    )
+                continue
             layer._sync_rank_mirror(layer, None)
             layer.grow_capacity(adapter_name)
 
@@ -217,6 +245,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if changed:
                 logger.info("GeoLoRA: overrides written into the adapter config (saved with it): %s", changed)
         self._groups = self._build_groups(layers)
+        self._sharded = any(is_sharded(p) for g in self._groups for p in (*g.U, *g.S, *g.V))
+        self._alias: dict[int, nn.Parameter] = {}  # during a gathered step: id(full copy) -> the sharded parameter
         self._param_to_group = self._map_param_groups()
         self._s_group_indices = sorted({self._param_to_group[id(p)] for g in self._groups for p in g.S})
         self.num_steps = 0
@@ -364,8 +394,57 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._geolora_step()
+        with self._full_factors():
+            self._geolora_step()
         return loss
+
+    @contextmanager
+    def _full_factors(self):
+        """FSDP2: run the step on full copies of the sharded factors, then keep each process's shard.
+
+        ``fully_shard`` stores U, S, V as row-sharded DTensors and reduce-scatters (averages) their gradients. The
+        step needs whole factors (QR, SVD, the rank decision), so each factor and its gradient are all-gathered, the
+        step runs on the full copies exactly as without FSDP (ranks decided on process 0 and shared), and every
+        process writes back its own rows. Each element has one owner, so the processes cannot disagree; what is
+        gathered is the adapter, r_max * (out + in + r_max) values per layer, never the base weights. Without
+        sharded factors this does nothing."""
+        if not self._sharded:
+            yield
+            return
+        state = self.base_optimizer.state
+        real_lists = [(g.U, g.S, g.V) for g in self._groups]
+        real_grads = []
+        for g in self._groups:
+            for attr in ("U", "S", "V"):
+                fulls = []
+                for p in getattr(g, attr):
+                    full = nn.Parameter(p.detach().full_tensor(), requires_grad=False)
+                    full.grad = None if p.grad is None else p.grad.full_tensor()
+                    real_grads.append((p, p.grad))
+                    p.grad = None  # the wrapped optimizer must skip the factors
+                    self._alias[id(full)] = p
+                    self._param_to_group[id(full)] = self._param_to_group[id(p)]
+                    if p in state:
+                        state[full] = state[p]  # the same dict: the S moments are read and written through it
+                    fulls.append(full)
+                setattr(g, attr, fulls)
+        try:
+            yield
+        finally:
+            from torch.distributed.tensor import distribute_tensor
+
+            for g, (U, S, V) in zip(self._groups, real_lists):
+                for reals, fulls in ((U, g.U), (S, g.S), (V, g.V)):
+                    for p, full in zip(reals, fulls):
+                        if full in state:
+                            state[p] = state.pop(full)
+                        shard = distribute_tensor(full.detach(), p.device_mesh, p.placements, src_data_rank=None)
+                        p.to_local().copy_(shard.to_local())
+                        self._param_to_group.pop(id(full), None)
+                g.U, g.S, g.V = U, S, V
+            for p, grad in real_grads:
+                p.grad = grad
+            self._alias.clear()
 
     def _stash_grads(self):
         """Take the GeoLoRA directions out of ``.grad`` (so the wrapped optimizer skips U, S, V)."""
@@ -395,6 +474,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             other_grads = [p.grad for pg in pgs for p in pg["params"] if p.grad is not None]
             geo_grads = [gr for entry in stash for grads in entry for gr in grads if gr is not None]
             all_grads = other_grads + geo_grads
+            if self._sharded:  # FSDP2: sharded trainables' gradients are checked shard by shard (flags are shared)
+                all_grads = [gr.to_local() if is_sharded(gr) else gr for gr in all_grads]
             device = self._groups[0].U[0].device if self._groups else None
             if all_grads:
                 norms = torch._foreach_norm(all_grads)
@@ -478,7 +559,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             name
             for g in self._groups
             for name, layer, S in zip(g.names, g.layers, g.S)
-            if a in layer.geolora_S and layer.geolora_S[a] is not S
+            if a in layer.geolora_S and layer.geolora_S[a] is not self._alias.get(id(S), S)
         ]
         if orphaned:
             warnings.warn(
@@ -641,6 +722,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         the open interval instead: resuming continues it).  The next ``step()`` starts a new interval."""
         if not self.mid_interval:
             return False
+        with torch.no_grad(), self._full_factors():
+            self._finish_interval()
+        return True
+
+    def _finish_interval(self) -> None:
         st = self.settings
         work = [self._coefficient_group(g, [None] * len(g.S), truncate=True, update=False) for g in self._groups]
         ranks = [w["ranks"] for w in work]
@@ -653,7 +739,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         host = flat.tolist()
         self._write_all(work, torch.split(flat[1:], sizes), host[1:], reortho=False, truncating=True)
         self._interval_offset = (self._interval_offset - self._interval_position()) % st["augment_every"]
-        return True
 
     def _write_all(self, work: list[dict], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool,
                    truncating: bool) -> None:
@@ -862,7 +947,8 @@ def broadcast_factors(params: list[torch.Tensor], buffers: list[torch.Tensor]) -
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     for t in [*params, *buffers]:
-        dist.broadcast(t.data, src=0)
+        if not is_sharded(t):  # an FSDP2 shard has one owner: nothing to agree on
+            dist.broadcast(t.data, src=0)
 
 
 def create_geolora_optimizer(

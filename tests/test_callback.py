@@ -152,14 +152,14 @@ def test_bf16_autocast_training(tmp_path):
             assert orthonormality_error(m.geolora_U["default"], m.r["default"]) < 1e-5
 
 
-def test_fsdp_is_refused_clearly():
+def test_fsdp1_is_refused_clearly():
     from geolora.optim import check_not_fsdp
 
     class FullyShardedDataParallel(torch.nn.Module):
         pass
 
     wrapped = torch.nn.Sequential(FullyShardedDataParallel())
-    with pytest.raises(RuntimeError, match="does not support FSDP"):
+    with pytest.raises(RuntimeError, match="supports FSDP2.*not FSDP1"):
         check_not_fsdp(wrapped)
 
 
