@@ -20,6 +20,7 @@ computed from the layer shapes: training capacity (r_max), saved at rank r, and 
 
     python benchmarks/step_time.py --size bert-small --rounds 15 --warmup 3
     python benchmarks/step_time.py --size minilm --rounds 9 --warmup 2
+    python benchmarks/step_time.py --size llama-cpu --methods geolora --lora-rank r_max --rounds 10 --warmup 2
     python benchmarks/step_time.py --size deberta-base   # GPU only
     python benchmarks/step_time.py --size decoder-1b     # GPU only
 
@@ -68,6 +69,13 @@ SIZES: dict[str, dict[str, Any]] = {
                                      norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False),
                          targets=["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"],
                          task="SEQ_CLS"),
+    # LLM layer shapes on CPU (issue #15): TinyLlama-1.1B's hidden/intermediate sizes, 2 of its 22 layers, a small
+    # vocabulary (the LM head is not adapted), all seven linear projections
+    "llama-cpu": dict(kind="llama-config", batch=1, seq=128, r=16, r_max=32, gpu_only=False,
+                      config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
+                                  num_attention_heads=32, num_key_value_heads=4, vocab_size=1024),
+                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                      task="CAUSAL_LM"),
     "decoder-1b": dict(kind="llama-config", batch=4, seq=512, r=16, r_max=32, gpu_only=True, dtype="bfloat16",
                        config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                                    num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
@@ -386,6 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     p.add_argument("--steps-per-round", type=int, default=1)
     p.add_argument("--methods", default="lora,adalora,geolora", help=f"comma list from {METHODS}")
+    p.add_argument("--lora-rank", choices=("r", "r_max"), default="r",
+                   help="LoRA's rank in the timing: the size's initial rank r (default) or its r_max (GeoLoRA's "
+                        "capacity: the same adapter width in the forward)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -418,7 +429,10 @@ def main(argv: list[str] | None = None) -> None:
 
     base = build_base(size, args.seed, device)
     batch = make_batch(base, size, args.seed + 1, device)
-    runners = {m: Method(m, base, size, size["r"], args.lr, 10_000, device) for m in methods}
+    lora_rank = size["r_max"] if args.lora_rank == "r_max" else size["r"]
+    runners = {m: Method(m, base, size, lora_rank if m == "lora" else size["r"], args.lr, 10_000, device)
+               for m in methods}
+    result["lora_rank"] = lora_rank
     result["adapter_storage"] = adapter_storage(base, size)
     del base
     for runner in runners.values():
@@ -460,7 +474,8 @@ def main(argv: list[str] | None = None) -> None:
     args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"{args.size}{'-' + args.tag if args.tag else ''}.json"
     path.write_text(json.dumps(result, indent=1, default=str) + "\n")
-    print(f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA:")
+    print(f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA "
+          f"(rank {lora_rank}):")
     phases = ["forward", "backward", "optimizer", "allocate", "wrapped", "geolora", "total", "cpu_forward",
               "cpu_backward", "cpu_optimizer", "cpu_total"]
     header = "".join(f"{ph.replace('cpu_', 'c-'):>10.10s}" for ph in phases)
