@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .config import GeoLoRAConfig
-from .layer import Linear
+from .layer import GeoLoRALayer, Linear
 
 
 def is_bnb_available() -> bool:
@@ -98,6 +98,9 @@ class _QuantizedLinear(Linear):
 
     def _weight_is_transposed(self) -> bool:
         return False
+
+    def check_mergeable(self, module_name: Optional[str] = None) -> None:
+        """Quantized merges are checked per adapter by :meth:`merge_candidate`."""
 
     def _install(self, weight: nn.Parameter, scb: Optional[torch.Tensor] = None) -> None:
         """Make ``weight`` the base layer's weight. An ``Int8Params`` gets its int8 data and scale back as ``CB`` /
@@ -183,14 +186,17 @@ class Linear4bit(_QuantizedLinear):
 
 
 def check_quantized_merge(model: nn.Module, adapter_names: list[str]) -> None:
-    """Raise the ``merge_candidate`` error of the first quantized GeoLoRA layer of ``model`` that would refuse to
-    merge one of ``adapter_names``, before any layer is merged. Changes nothing."""
+    """Raise the error of the first GeoLoRA layer of ``model`` that would refuse to merge one of ``adapter_names``
+    (a bitsandbytes layer's ``merge_candidate``, another quantized weight's ``check_mergeable``), before any layer
+    is merged. Changes nothing."""
     for module_name, module in model.named_modules():
         if isinstance(module, _QuantizedLinear) and not module.merged:
             for name in adapter_names:
                 if name in module.geolora_U:
                     with torch.no_grad():
                         module.merge_candidate(name, module_name=module_name)
+        elif isinstance(module, GeoLoRALayer) and any(name in module.geolora_U for name in adapter_names):
+            module.check_mergeable(module_name)
 
 
 def dispatch_bnb(target: nn.Module, adapter_name: str, config: GeoLoRAConfig, r: int) -> Optional[nn.Module]:

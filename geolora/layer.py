@@ -372,10 +372,25 @@ class GeoLoRALayer(BaseTunerLayer):
         base = self.get_base_layer()
         return not isinstance(base, (nn.Linear, nn.Conv2d))  # Conv1D stores (in, out)
 
+    def check_mergeable(self, module_name: Optional[str] = None) -> None:
+        """Raise a ``ValueError`` naming the layer if its base weight cannot take ``W += s U S V^T`` in place: a
+        quantized tensor subclass (e.g. torchao's) or an integer weight. bitsandbytes layers have their own layer
+        types (:mod:`geolora.bnb`)."""
+        weight = self.get_base_layer().weight
+        if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
+            name = f"'{module_name}'" if module_name else type(self.get_base_layer()).__name__
+            raise ValueError(
+                f"GeoLoRA cannot merge into layer {name}: its weight is a {type(weight.data).__name__} "
+                f"({weight.dtype}), a quantized weight GeoLoRA has no merge for (bitsandbytes 8-bit is supported). "
+                "Merge onto an unquantized base instead: load the base model without quantization, then "
+                "PeftModel.from_pretrained(base, adapter_dir).merge_and_unload(). Nothing was changed."
+            )
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
+        self.check_mergeable()
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.geolora_U:

@@ -187,3 +187,31 @@ def test_export_lora_from_a_quantized_run_loads_in_plain_peft(base_dir, tmp_path
     assert info == {"geolora": False, "peft_type": "LORA", "layer": "peft.tuners.lora.bnb"}
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-4)
 
+
+
+def test_other_quantized_weights_train_and_refuse_to_merge_clearly():
+    """torchao (a quantized tensor subclass on nn.Linear): GeoLoRA trains on it; a merge, which has no requantizing
+    path here, is refused naming the layer before anything changes (it used to fail inside torchao's dispatch)."""
+    torchao = pytest.importorskip("torchao.quantization")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    torchao.quantize_(net, torchao.Int8WeightOnlyConfig())
+    model = get_peft_model(net, geolora.GeoLoRAConfig(r=4, target_modules=["0", "2"], tau_warmup_steps=0))
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    x = torch.randn(4, 64)
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(m.geolora_S["default"].abs().sum() > 0 for m in _geolora_layers(model).values())
+    out = _logits_plain(model, x)
+    for merge in (model.merge_adapter, model.merge_and_unload):
+        with pytest.raises(ValueError, match=r"cannot merge into layer '0': its weight is a Int8Tensor"):
+            merge()
+        assert not any(m.merged for m in _geolora_layers(model).values())
+        torch.testing.assert_close(_logits_plain(model, x), out, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def _logits_plain(model, x):
+    return model.eval()(x)
