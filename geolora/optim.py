@@ -247,6 +247,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._groups = self._build_groups(layers)
         self._sharded = any(is_sharded(p) for g in self._groups for p in (*g.U, *g.S, *g.V))
         self._alias: dict[int, nn.Parameter] = {}  # during a gathered step: id(full copy) -> the sharded parameter
+        if self._sharded:
+            self._init_checkpoint_state()
         self._param_to_group = self._map_param_groups()
         self._s_group_indices = sorted({self._param_to_group[id(p)] for g in self._groups for p in g.S})
         self.num_steps = 0
@@ -306,13 +308,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self.base_optimizer.state_dict()
-        sd["geolora"] = {
+        counters = {
             "num_steps": self.num_steps,
             "skipped_steps": self.skipped_steps,
             "positive_lr_steps": self._positive_lr_steps,
             "interval_offset": self._interval_offset,
             "num_training_steps": self._num_training_steps,
         }
+        sd["geolora"] = counters
+        # also in the param group of the first S: torch.distributed.checkpoint's optimizer state dict (FSDP2) keeps
+        # only "state" and "param_groups", and param groups keep their extra keys through every loader
+        if self._s_group_indices:
+            sd["param_groups"][self._s_group_indices[0]]["geolora"] = dict(counters)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -326,6 +333,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 state_dict = result
         state_dict = dict(state_dict)
         extra = state_dict.pop("geolora", None)
+        if extra is None:
+            extra = next((pg["geolora"] for pg in state_dict.get("param_groups", []) if "geolora" in pg), None)
         self.base_optimizer.load_state_dict(state_dict)
         if extra:
             self.num_steps = int(extra.get("num_steps", 0))
@@ -397,6 +406,23 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with self._full_factors():
             self._geolora_step()
         return loss
+
+    def _init_checkpoint_state(self) -> None:
+        """FSDP2: give the optimizer state its final structure up front. torch.distributed.checkpoint (the
+        Trainer's FSDP2 checkpoints, or dcp in a custom loop) requires state for every trainable parameter and loads
+        into tensors of the shapes it finds: a step counter on every factor, and the S moments of each group of
+        same-shape layers, (B, c, c), with their (B,) steps on its first S (zeros: the same as no moments yet)."""
+        state = self.base_optimizer.state
+        adam = self.settings["s_update"] in ("adam", "adam_layer")
+        for g in self._groups:
+            for p in (*g.U, *g.S, *g.V):
+                state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
+            s0 = state[g.S[0]]
+            if adam and "geolora_exp_avg" not in s0:
+                B, c, device = len(g.S), g.cap, g.rank_buffers[0].device
+                s0["geolora_exp_avg"] = torch.zeros(B, c, c, dtype=torch.float32, device=device)
+                s0["geolora_exp_avg_sq"] = torch.zeros(B, c, c, dtype=torch.float32, device=device)
+                s0["step"] = torch.zeros(B, dtype=torch.float32, device=device)
 
     @contextmanager
     def _full_factors(self):

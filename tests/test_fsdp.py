@@ -78,3 +78,15 @@ def test_fsdp2_step_equals_the_unsharded_step_and_processes_agree(augment_every,
         got = PeftModel.from_pretrained(base(), str(tmp_path / "driver-adapter")).eval()(input_ids=ids).logits
         want = PeftModel.from_pretrained(base(), str(tmp_path / "reference-adapter")).eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_fsdp2_resume_through_torch_distributed_checkpoint_equals_the_uninterrupted_run(tmp_path):
+    """3 steps, a dcp checkpoint of the model and the optimizer (as the Trainer's FSDP2 checkpoints), a new model and
+    optimizer loaded from it, 3 more steps: the same factors and ranks as 6 uninterrupted steps, mid-interval."""
+    _run("driver", tmp_path, 2)
+    _run("resume", tmp_path, 2)  # augment_every 2: the checkpoint after step 3 falls inside an interval
+    a, b = (torch.load(tmp_path / f"{m}-rank0.pt", weights_only=True) for m in ("driver", "resume"))
+    assert a["ranks"] == b["ranks"] and a["rank_buffers"] == b["rank_buffers"]
+    assert a["losses"] == b["losses"]
+    for k in a["factors"]:
+        assert torch.equal(a["factors"][k], b["factors"][k]), k

@@ -2,6 +2,8 @@
 
     torchrun --nproc_per_node 2 fsdp_train.py driver OUT AUGMENT_EVERY     # custom loop, each process half a batch
     python fsdp_train.py reference OUT AUGMENT_EVERY                       # the same run in one process, no FSDP
+    torchrun --nproc_per_node 2 fsdp_train.py resume OUT AUGMENT_EVERY     # driver: 3 steps, dcp checkpoint, new
+                                                                           # model and optimizer, dcp load, 3 more
 
 Each process writes OUT/<mode>-rank{R}.pt: the ranks (host mirror and rank buffers), the full factors (gathered from
 the shards) and the per-step losses; process 0 saves the adapter to OUT/<mode>-adapter (under FSDP2 from the full
@@ -52,38 +54,67 @@ def dump(model, rank, losses):
                 "factors": factors, "losses": losses}, os.path.join(out, f"{mode}-rank{rank}.pt"))
 
 
-if mode in ("driver", "reference"):
-    model = build()
-    rank, world = 0, 1
-    if mode == "driver":
-        import torch.distributed as dist
-        from torch.distributed.fsdp import fully_shard
+def sharded_model_and_optimizer():
+    from torch.distributed.fsdp import fully_shard
 
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        geolora.grow_capacity(model)  # before sharding: fully_shard keeps the shapes it sees
-        for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    opt = geolora.create_geolora_optimizer(model, lr=5e-2, num_training_steps=STEPS)
+    model = build()
+    geolora.grow_capacity(model)  # before sharding: fully_shard keeps the shapes it sees
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model, geolora.create_geolora_optimizer(model, lr=5e-2, num_training_steps=STEPS)  # after sharding
+
+
+def train(model, opt, steps, rank, world):
     losses = []
-    for ids in batches():
+    for ids in steps:
         part = ids.chunk(world)[rank]  # each process half the batch; FSDP averages the gradients
         loss = model(input_ids=part, labels=part).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(float(loss.detach()))
+    return losses
+
+
+if mode == "reference":
+    model = build()
+    opt = geolora.create_geolora_optimizer(model, lr=5e-2, num_training_steps=STEPS)
+    losses = train(model, opt, batches(), 0, 1)
+    assert opt.num_steps == STEPS and opt.skipped_steps == 0
+    opt.finish_interval()
+    dump(model, 0, losses)
+    model.save_pretrained(os.path.join(out, f"{mode}-adapter"))
+else:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, opt = sharded_model_and_optimizer()
+    if mode == "driver":
+        losses = train(model, opt, batches(), rank, world)
+    else:  # resume: what the Trainer's FSDP2 checkpointing does, through torch.distributed.checkpoint
+        losses = train(model, opt, batches()[:3], rank, world)
+        ckpt = os.path.join(out, "dcp-checkpoint")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=ckpt)
+        del model, opt
+        model, opt = sharded_model_and_optimizer()
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(sd, checkpoint_id=ckpt)
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+        assert opt.num_steps == 3, opt.num_steps
+        losses += train(model, opt, batches()[3:], rank, world)
     assert opt.num_steps == STEPS and opt.skipped_steps == 0
     opt.finish_interval()
     dump(model, rank, losses)
-    if mode == "driver":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            model.save_pretrained(os.path.join(out, f"{mode}-adapter"), state_dict=full)
-        dist.barrier()
-        dist.destroy_process_group()
-    else:
-        model.save_pretrained(os.path.join(out, f"{mode}-adapter"))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        model.save_pretrained(os.path.join(out, f"{mode}-adapter"), state_dict=full)
+    dist.barrier()
+    dist.destroy_process_group()
