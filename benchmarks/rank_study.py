@@ -24,10 +24,38 @@ def load_runs(suite_dir: Path) -> dict[str, list[dict]]:
             files[key] = path
     out: dict[str, list[dict]] = {}
     for key, path in files.items():
-        task = key.split("--")[1]
-        runs = json.loads(path.read_text()).get("runs", [])
+        task, seed = key.split("--")[1], int(key.split("--")[2])
+        runs = [dict(run, seed=seed) for run in json.loads(path.read_text()).get("runs", [])]
         out.setdefault(task, []).extend(sorted(runs, key=lambda r: r["r"]))
     return out
+
+
+def seed_table(runs_by_task: dict[str, list[dict]]) -> str:
+    """Spread over training seeds at the same initial rank against the spread over initial ranks (of the seed
+    means): the paper's Fig. 2 question, with the seed spread as the yardstick."""
+    lines = ["| task | initial r | seeds | final total rank | test accuracy |", "|---|---|---|---|---|"]
+    for task, runs in runs_by_task.items():
+        by_r: dict[int, list[dict]] = {}
+        for run in runs:
+            by_r.setdefault(run["r"], []).append(run)
+        seed_acc, seed_rank, mean_acc, mean_rank = [], [], [], []
+        for r, group in sorted(by_r.items()):
+            group = sorted(group, key=lambda g: g["seed"])
+            accs = [g["test"].get("accuracy", float("nan")) for g in group]
+            ranks = [totals(g)[-1][1] for g in group]
+            lines.append(f"| {task} | {r} | {', '.join(str(g['seed']) for g in group)} | "
+                         f"{' / '.join(map(str, ranks))} | {' / '.join(f'{a:.3f}' for a in accs)} |")
+            mean_acc.append(sum(accs) / len(accs))
+            mean_rank.append(sum(ranks) / len(ranks))
+            if len(group) > 1:
+                seed_acc.append(max(accs) - min(accs))
+                seed_rank.append(max(ranks) / min(ranks))
+        if seed_acc and len(mean_acc) > 1:
+            lines.append(
+                f"| {task} | spread | over seeds at the same r: up to {max(seed_acc) * 100:.1f} points, rank up to "
+                f"{max(seed_rank):.2f}x | over initial r (seed means): {(max(mean_acc) - min(mean_acc)) * 100:.1f} "
+                f"points, rank {max(mean_rank) / min(mean_rank):.2f}x | |")
+    return "\n".join(lines)
 
 
 def totals(run: dict) -> list[tuple[int, int]]:
@@ -81,14 +109,24 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="benchmarks/results/rank-ramp")
     p.add_argument("--suite", default="rank-init")
+    p.add_argument("--seeds-with", nargs="*", default=[], metavar="SUITE",
+                   help="also read these suites (e.g. rank-init-seeds: the same cells with other training seeds) and "
+                        "add the seed-spread table")
     args = p.parse_args(argv)
     suite_dir = Path(args.results_dir) / args.suite
-    if not suite_dir.is_dir():
-        p.error(f"--results-dir/--suite: {suite_dir} is not a directory of cell files")
+    for name in [args.suite, *args.seeds_with]:
+        if not (Path(args.results_dir) / name).is_dir():
+            p.error(f"--results-dir/--suite: {Path(args.results_dir) / name} is not a directory of cell files")
     runs = load_runs(suite_dir)
     if not runs:
         p.error(f"{suite_dir}: no geolora cell files with finished runs")
     text = table(runs)
+    if args.seeds_with:
+        combined = {task: list(rs) for task, rs in runs.items()}
+        for name in args.seeds_with:
+            for task, rs in load_runs(Path(args.results_dir) / name).items():
+                combined.setdefault(task, []).extend(rs)
+        text += "\n\nSeed spread (" + ", ".join([args.suite, *args.seeds_with]) + "):\n\n" + seed_table(combined)
     (suite_dir / "summary.md").write_text(text + "\n")
     try:
         plot(runs, suite_dir / "rank-over-steps.png")

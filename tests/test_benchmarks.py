@@ -322,3 +322,15 @@ def test_rank_study_summary_reads_partial_cells_and_prefers_finished_ones(tmp_pa
     assert (suite / "rank-over-steps.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         rank_study.main(["--results-dir", str(tmp_path), "--suite", "missing"])
+
+    seeds = tmp_path / "rank-init-seeds"  # the same cells with another training seed: the seed-spread table
+    seeds.mkdir()
+    (seeds / "geolora--t1--1.json").write_text(json.dumps({"runs": [run(16, [6, 5], 0.88), run(2, [5, 5], 0.84)]}))
+    assert rank_study.main(["--results-dir", str(tmp_path), "--suite", "rank-init", "--seeds-with",
+                            "rank-init-seeds"]) == 0
+    text = (suite / "summary.md").read_text()
+    assert "| t1 | 2 | 0, 1 | 10 / 10 | 0.800 / 0.840 |" in text
+    assert "| t1 | 16 | 0, 1 | 12 / 11 | 0.900 / 0.880 |" in text
+    # seeds: 4.0 and 2.0 points, ranks 1.00x and 1.09x; initial r: means 0.82 vs 0.89 -> 7.0 points, 11.5 / 10
+    assert ("| t1 | spread | over seeds at the same r: up to 4.0 points, rank up to 1.09x | over initial r (seed "
+            "means): 7.0 points, rank 1.15x | |") in text
