@@ -247,8 +247,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._groups = self._build_groups(layers)
         self._sharded = any(is_sharded(p) for g in self._groups for p in (*g.U, *g.S, *g.V))
         self._alias: dict[int, nn.Parameter] = {}  # during a gathered step: id(full copy) -> the sharded parameter
-        if self._sharded:
-            self._init_checkpoint_state()
         self._param_to_group = self._map_param_groups()
         self._s_group_indices = sorted({self._param_to_group[id(p)] for g in self._groups for p in g.S})
         self.num_steps = 0
@@ -405,24 +403,22 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         with self._full_factors():
             self._geolora_step()
+        if self._sharded:
+            self._ensure_checkpoint_state()
         return loss
 
-    def _init_checkpoint_state(self) -> None:
-        """FSDP2: give the optimizer state its final structure up front. torch.distributed.checkpoint (the
-        Trainer's FSDP2 checkpoints, or dcp in a custom loop) requires state for every trainable parameter and loads
-        into tensors of the shapes it finds: a step counter on every factor, and the S moments of each group of
-        same-shape layers, (B, c, c), with their (B,) steps on its first S (zeros: the same as no moments yet)."""
+    def _ensure_checkpoint_state(self) -> None:
+        """FSDP2: a step counter in the optimizer state of every factor. torch.distributed.checkpoint (the
+        Trainer's FSDP2 checkpoints, or dcp in a custom loop) requires state for every trainable parameter; the
+        wrapped optimizer never steps the factors, and GeoLoRA keeps its S moments on the first S of each layer group.
+        Added after each step, not when the optimizer is built: dcp fills a fresh optimizer's state with one
+        zero-gradient, lr-0 step only when that state is empty, and the structure it creates then (the wrapped
+        optimizer's state, GeoLoRA's moments, these counters) is what a checkpoint holds."""
         state = self.base_optimizer.state
-        adam = self.settings["s_update"] in ("adam", "adam_layer")
         for g in self._groups:
             for p in (*g.U, *g.S, *g.V):
-                state[p].setdefault("step", torch.zeros((), dtype=torch.float32))
-            s0 = state[g.S[0]]
-            if adam and "geolora_exp_avg" not in s0:
-                B, c, device = len(g.S), g.cap, g.rank_buffers[0].device
-                s0["geolora_exp_avg"] = torch.zeros(B, c, c, dtype=torch.float32, device=device)
-                s0["geolora_exp_avg_sq"] = torch.zeros(B, c, c, dtype=torch.float32, device=device)
-                s0["step"] = torch.zeros(B, dtype=torch.float32, device=device)
+                if "step" not in state[p]:
+                    state[p]["step"] = torch.zeros((), dtype=torch.float32)
 
     @contextmanager
     def _full_factors(self):

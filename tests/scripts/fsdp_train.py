@@ -30,9 +30,10 @@ def build():
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=32)
     model = LlamaForCausalLM(cfg)
+    # the LM head trained in full (modules_to_save): a sharded non-GeoLoRA trainable, stepped by the wrapped AdamW
     return peft.get_peft_model(model, geolora.GeoLoRAConfig(r=2, r_max=8, tau=0.2, target_modules="all-linear",
                                                             task_type="CAUSAL_LM", augment_every=augment_every,
-                                                            tau_warmup_steps=0))
+                                                            tau_warmup_steps=0, modules_to_save=["lm_head"]))
 
 
 def batches():
