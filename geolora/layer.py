@@ -372,10 +372,13 @@ class GeoLoRALayer(BaseTunerLayer):
         base = self.get_base_layer()
         return not isinstance(base, (nn.Linear, nn.Conv2d))  # Conv1D stores (in, out)
 
-    def check_mergeable(self, module_name: Optional[str] = None) -> None:
-        """Raise a ``ValueError`` naming the layer if its base weight cannot take ``W += s U S V^T`` in place: a
-        quantized tensor subclass (e.g. torchao's) or an integer weight. bitsandbytes layers have their own layer
-        types (:mod:`geolora.bnb`)."""
+    def check_mergeable(self, adapter_names: list[str], module_name: Optional[str] = None) -> None:
+        """Raise a ``ValueError`` naming the layer if merging ``adapter_names`` (those this layer holds) would fail or
+        be silently wrong; changes nothing. Here: a base weight that cannot take ``W += s U S V^T`` in place (a
+        quantized tensor subclass such as torchao's, or an integer weight). bitsandbytes layers override it
+        (:mod:`geolora.bnb`). ``GeoLoRAModel`` calls it on every layer before merging any."""
+        if not any(name in self.geolora_U for name in adapter_names):
+            return
         weight = self.get_base_layer().weight
         if type(weight.data) is not torch.Tensor or not weight.dtype.is_floating_point:
             name = f"'{module_name}'" if module_name else type(self.get_base_layer()).__name__
@@ -390,7 +393,7 @@ class GeoLoRALayer(BaseTunerLayer):
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:
             return
-        self.check_mergeable()
+        self.check_mergeable(adapter_names)
         base = self.get_base_layer()
         for name in adapter_names:
             if name not in self.geolora_U:

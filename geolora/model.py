@@ -11,7 +11,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import get_pattern_key
 from torch import nn
 
-from .bnb import check_quantized_merge, dispatch_bnb
+from .bnb import dispatch_bnb
 from .config import GeoLoRAConfig
 from .layer import TRAIN_WITH_GEOLORA, GeoLoRALayer, dispatch_layer
 
@@ -70,10 +70,14 @@ class GeoLoRAModel(BaseTuner):
             )
 
     def _check_merge_allowed(self) -> None:
-        """PEFT's checks, then: no quantized (bitsandbytes) layer would lose its update to requantization; raises
-        before any layer is merged (``merge_adapter`` and ``merge_and_unload`` call this first)."""
+        """PEFT's checks, then every GeoLoRA layer's ``check_mergeable`` (a quantized base that cannot take the
+        update): raises before any layer is merged (``merge_adapter`` and ``merge_and_unload`` call this first)."""
         super()._check_merge_allowed()
-        check_quantized_merge(self.model, list(self.active_adapters))
+        names = list(self.active_adapters)
+        with torch.no_grad():
+            for module_name, module in self.model.named_modules():
+                if isinstance(module, GeoLoRALayer):
+                    module.check_mergeable([n for n in names if n not in module.merged_adapters], module_name)
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **kwargs):
         if current_key is None:

@@ -27,6 +27,7 @@ lr scheduler.  A custom loop::
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -95,6 +96,7 @@ def _geolora_config(model: nn.Module, adapter_name: str):
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_cls():
     try:
         from torch.distributed.tensor import DTensor

@@ -65,6 +65,11 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
+@torch.no_grad()
+def _logits_plain(model, x):
+    return model.eval()(x)
+
+
 def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
@@ -211,7 +216,3 @@ def test_other_quantized_weights_train_and_refuse_to_merge_clearly():
         assert not any(m.merged for m in _geolora_layers(model).values())
         torch.testing.assert_close(_logits_plain(model, x), out, rtol=0, atol=0)
 
-
-@torch.no_grad()
-def _logits_plain(model, x):
-    return model.eval()(x)
