@@ -17,6 +17,7 @@ from ._peft_compat import ensure_peft_type_member
 S_UPDATES = ("adam", "adam_layer", "sgd")
 SCALE_BY = ("r_max", "r")
 BUDGET_TYPES = ("rank", "params")
+DEFAULT_EXPLORE_RANK = 4  # probe directions per layer for new adapters (see GeoLoRAConfig.explore_rank)
 BIAS_CHOICES = ("none", "all", "geolora_only")
 
 
@@ -52,6 +53,9 @@ class GeoLoRAConfig(PeftConfig):
             0.25), so every layer may first grow toward `r_max` whatever its initial rank; `tau_warmup_steps` (`int`)
             gives the ramp in steps instead.
         augment_every (`int`): Steps per augmentation interval (1 = the paper's Algorithm 1, every step).
+        explore_rank (`int`): Random probe directions added to each layer's bases for every interval's augmentation
+            (default 4; `augment_every` > 1), so a layer can grow toward gradient directions outside both of its
+            current bases; 0 = GeoLoRA's augmentation alone.
         lora_alpha (`float`): Scaling numerator; `s = lora_alpha / r_max`, constant for the whole run.
         scale_by (`str`): `"r_max"` (default) or `"r"` (the initial rank; adapters saved before this field).
         lora_dropout (`float`): Dropout on the adapter input.
@@ -154,7 +158,7 @@ class GeoLoRAConfig(PeftConfig):
         },
     )
     adam_betas: tuple[float, float] = field(
-        default=(0.9, 0.999), metadata={"help": "Adam betas of the 'adam' coefficient update."}
+        default=(0.9, 0.99), metadata={"help": "Adam betas of the 'adam' coefficient update."}
     )
     adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon of the 'adam' coefficient update."})
     rank_budget: Optional[int] = field(
@@ -181,6 +185,20 @@ class GeoLoRAConfig(PeftConfig):
             "only the coefficients S with the augmented bases live in the forward, and the last step truncates by "
             "tau (or rank_budget): new directions get k steps to grow before they are judged. Each layer is "
             "truncated once per interval; the capacity stays r_max."
+        },
+    )
+    explore_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Random probe directions per layer for every interval's augmentation (augment_every > 1; default "
+            "4 for new adapters). The augmentation [U, G V] only finds gradient directions coupled to a current basis "
+            "direction: once a layer fits the best approximation of its rank, the rest of the gradient lies outside "
+            "both bases and the rank cannot grow. With explore_rank = p, the forward of the step whose gradient "
+            "the augmentation reads uses p extra orthonormal random columns in U and in V (with zero coefficients, "
+            "so the output is unchanged), the backward gives the gradient on them, and they enter the augmentation "
+            "like the current bases: directions the task needs grow over the interval and pass the truncation, the "
+            "others are cut. Costs p extra forward columns on one step per interval. 0 = GeoLoRA's augmentation "
+            "alone (adapters saved before this field are loaded with 0)."
         },
     )
     tau_warmup_ratio: float = field(
@@ -224,6 +242,8 @@ class GeoLoRAConfig(PeftConfig):
             # A config read from adapter_config.json arrives with its peft_type set; one saved before scale_by existed
             # lacks the field and was trained with s = lora_alpha / r.  A new config (peft_type unset) gets r_max.
             self.scale_by = "r" if self.peft_type is not None else "r_max"
+        if self.explore_rank is None:  # likewise: adapters saved before explore_rank trained without probes
+            self.explore_rank = 0 if self.peft_type is not None else DEFAULT_EXPLORE_RANK
         self.peft_type = ensure_peft_type_member()
         self._validate()
         if isinstance(self.target_modules, list):
@@ -299,6 +319,8 @@ class GeoLoRAConfig(PeftConfig):
             _fail("tau_warmup_steps", self.tau_warmup_steps, "expected an int >= 0 (0 = no ramp) or None")
         if not _is_int(self.augment_every) or self.augment_every < 1:
             _fail("augment_every", self.augment_every, "expected an int >= 1 (1 = Algorithm 1, every step)")
+        if not _is_int(self.explore_rank) or self.explore_rank < 0:
+            _fail("explore_rank", self.explore_rank, "expected an int >= 0 (0 = no probe directions)")
         if self.rank_pattern is None:
             self.rank_pattern = {}
         if not isinstance(self.rank_pattern, dict):

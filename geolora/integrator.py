@@ -54,6 +54,37 @@ def _interleave_perm(ranks: torch.Tensor, cap: int) -> torch.Tensor:
     return src
 
 
+def probe_directions(
+    U: torch.Tensor, ranks: torch.Tensor, p: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random orthonormal probe columns orthogonal to each item's ``U_r``, placed in columns ``r .. r + p' - 1``.
+
+    Args:
+        U: (B, m, c) bases, zero beyond each item's rank; ranks: (B,) int64; p: probes per item (``p' = min(p, c -
+        r)``, fewer where the capacity is nearly full); generator: the random source (on U's device).
+
+    Returns ``(probes (B, m, c), widened ranks (B,) = r + p')``: ``U + probes`` is orthonormal on its first
+    ``r + p'`` columns and zero beyond.  Gaussian columns, projected off ``span(U_r)`` twice (classical Gram-Schmidt
+    needs the second pass in float32), then orthonormalised by QR.
+    """
+    B, m, c = U.shape
+    dt = compute_dtype(U.dtype)
+    p = max(0, min(p, c, m))
+    widened = torch.clamp(ranks + p, max=c)
+    if p == 0:
+        return torch.zeros_like(U), widened
+    Uc = U.to(dt)
+    X = torch.randn(B, m, p, dtype=dt, device=U.device, generator=generator)
+    for _ in range(2):
+        X = X - Uc @ (Uc.transpose(1, 2) @ X)
+    Q, _ = torch.linalg.qr(X)  # (B, m, p)
+    j = torch.arange(c, device=U.device)[None, :]  # (1, c)
+    source = (j - ranks[:, None]).clamp(0, p - 1)  # (B, c): probe column placed at column j
+    placed = torch.gather(Q, 2, source[:, None, :].expand(B, m, c))
+    mask = (j >= ranks[:, None]) & (j < widened[:, None])
+    return (placed * mask[:, None, :].to(dt)).to(U.dtype), widened
+
+
 class AugmentedBasis(NamedTuple):
     basis: torch.Tensor  # (B, m, k) = [U_r, Ũ, unused]; k = min(m, 2c)
     is_old: torch.Tensor  # (B, k) True on the first r columns (the old basis)

@@ -214,6 +214,10 @@ class GeoLoRALayer(BaseTunerLayer):
         self.geolora_V = nn.ParameterDict({})
         self.geolora_rank = BufferDict({}, persistent=True)
         self.static_shapes = False
+        # per adapter, set by GeoLoRAOptimizer for the forward whose gradient an augmentation reads: (U probe,
+        # V probe, width) with orthonormal random columns r..width-1 (zero elsewhere) added to U and V in the forward
+        # only (S is zero there, so the output is unchanged); never part of the parameters or the state dict
+        self.geolora_probe: dict[str, tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.kwargs = kwargs
@@ -342,19 +346,27 @@ class GeoLoRALayer(BaseTunerLayer):
             return U, S, V
         return U[:, :r], S[:r, :r], V[:, :r]
 
-    def forward_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward_factors(self, adapter_name: str, round_width: bool = True):
         """``U, S, V`` for the forward: the live rank rounded up to a multiple of ``_MATMUL_WIDTH`` columns (capped
-        at the capacity), or the full capacity in static-shape mode.  Columns beyond the rank are exactly zero, so
-        the output and the directions are the same as at the live rank; thin matmuls with 8 or fewer columns run at a
-        third of the speed of 16-column ones on CPU BLAS (benchmarks/results/perf/history.md)."""
+        at the capacity; ``round_width=False``: the live rank), or the full capacity in static-shape mode.  Columns
+        beyond the rank are exactly zero, so the output and the directions are the same as at the live rank; thin
+        matmuls with 8 or fewer columns run at a third of the speed of 16-column ones on CPU BLAS
+        (benchmarks/results/perf/history.md).  While the optimizer has set probe directions (``geolora_probe``),
+        they are added to U and V and the width covers them."""
         U, S, V = self.geolora_U[adapter_name], self.geolora_S[adapter_name], self.geolora_V[adapter_name]
         cap = U.shape[1]
-        if self.static_shapes:
-            return U, S, V
-        width = min(cap, -(-self.r[adapter_name] // _MATMUL_WIDTH) * _MATMUL_WIDTH)
-        if width == cap:
-            return U, S, V
-        return U[:, :width], S[:width, :width], V[:, :width]
+        probe = self.geolora_probe.get(adapter_name)
+        if self.static_shapes:  # no integer read: torch.compile would guard on it (and recompile as it changes)
+            width = cap
+        else:
+            live = self.r[adapter_name] if probe is None else max(self.r[adapter_name], probe[2])
+            width = min(cap, -(-live // _MATMUL_WIDTH) * _MATMUL_WIDTH) if round_width else min(cap, live)
+        if width < cap:
+            U, S, V = U[:, :width], S[:width, :width], V[:, :width]
+        if probe is not None:
+            U = U + probe[0][:, :width].to(U.device, U.dtype)
+            V = V + probe[1][:, :width].to(V.device, V.dtype)
+        return U, S, V
 
     # ------------------------------------------------------------------ merge
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -496,7 +508,7 @@ class Conv2d(nn.Module, GeoLoRALayer):
         return padding
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        U, S, V = self.active_factors(adapter_name)
+        U, S, V = self.forward_factors(adapter_name, round_width=False)
         base = self.get_base_layer()
         x = self._cast_input_dtype(x, U.dtype)
         x = self.geolora_dropout[adapter_name](x)

@@ -222,6 +222,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             "adam_betas": tuple(cfg.adam_betas),
             "adam_eps": cfg.adam_eps,
             "augment_every": cfg.augment_every,
+            "explore_rank": cfg.explore_rank,
             "tau_warmup_ratio": getattr(cfg, "tau_warmup_ratio", 0.0),
             "tau_warmup_steps": getattr(cfg, "tau_warmup_steps", None),
         }
@@ -234,7 +235,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
             reorthonormalize_every=settings["reorthonormalize_every"],
             sync_factors_every=settings["sync_factors_every"], augment_every=settings["augment_every"],
-            tau_warmup_ratio=settings["tau_warmup_ratio"], tau_warmup_steps=settings["tau_warmup_steps"],
+            explore_rank=settings["explore_rank"], tau_warmup_ratio=settings["tau_warmup_ratio"], tau_warmup_steps=settings["tau_warmup_steps"],
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
@@ -263,6 +264,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
         self._guard_done = False
         self.last_ranks: dict[str, int] = {}
+        self._probes: list = [None] * len(self._groups)  # per group: (U probe, V probe, widened ranks) or None
         # torch.optim.Optimizer's hook machinery (register_step_pre_hook / post hooks, state-dict hooks), without
         # Optimizer.__init__, whose param_groups/state/defaults assignments would overwrite the wrapped optimizer's
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -272,6 +274,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
         self._patch_step_function()
+        with torch.no_grad(), self._full_factors():
+            self._refresh_probes()
 
     # --- delegate the Optimizer interface to the wrapped optimizer (like accelerate's AcceleratedOptimizer) ---
     @property
@@ -344,6 +348,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             self._interval_offset = int(extra.get("interval_offset", 0))
             if extra.get("num_training_steps") is not None and self._num_training_steps is None:
                 self._num_training_steps = int(extra["num_training_steps"])
+        with torch.no_grad(), self._full_factors():
+            self._refresh_probes()  # a function of the factors and the step count: as in the uninterrupted run
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -509,9 +515,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
         phase = self.phase
         work = []
-        for g, (gU, gS, gV) in zip(self._groups, stash):
+        for g, (gU, gS, gV), probe in zip(self._groups, stash, self._probes):
             if phase in ("step", "augment"):
-                work.append(self._augment_group(g, gU, gS, gV, augment_only=phase == "augment"))
+                work.append(self._augment_group(g, gU, gS, gV, augment_only=phase == "augment", probe=probe))
             else:
                 work.append(self._coefficient_group(g, gS, truncate=phase == "truncate"))
 
@@ -534,6 +540,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if host[0]:
             self._restore_grads(stash)
             self._on_skip()
+            self._refresh_probes()
             return
         agreed = torch.split(flat[1 : 1 + sum(sizes)], sizes)
         if any(float(pgs[i]["lr"]) > 0 for i in self._s_group_indices):
@@ -555,6 +562,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             layers = [layer for g in self._groups for layer in g.layers]
             for layer, k in zip(layers, torch.stack(buffers).tolist()):  # one sync, only on broadcast steps
                 layer.r[self.adapter_name] = k
+        self._refresh_probes()
         self._restore_grads(stash)
 
     @property
@@ -639,24 +647,37 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             vals = vals.to(device)
         return vals[:, 0, None, None], vals[:, 1, None, None]
 
-    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False) -> dict:
+    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False, probe=None) -> dict:
         """QR of the augmented bases, the augmented coefficients and their SVD for one group.
 
         Works at width ``ρ`` = the largest live rank in the group (host mirror, no sync) instead of the capacity:
         columns beyond a layer's rank are zero and the augmented matrix has rank <= 2r, so the QR (m x 2ρ instead of
-        m x 2c) and the SVD (2ρ x 2ρ instead of 2c x 2c) give the same step at a fraction of the cost."""
+        m x 2c) and the SVD (2ρ x 2ρ instead of 2c x 2c) give the same step at a fraction of the cost.
+
+        With probe directions (``explore_rank``; set by :meth:`_refresh_probes` for the forward of this step), the
+        step starts from the widened bases ``[U_r, probes]``, ``[V_r, probes]`` at rank ``r + p`` with zero
+        coefficients on the probes (the same adapter): the gradient on them is in ``gU``, ``gS``, ``gV`` already, so
+        this is GeoLoRA's augmentation of that point.  Adam treats the probe coefficients as new (no history)."""
         st = self.settings
         a = self.adapter_name
-        rho = max(layer.r[a] for layer in g.layers)
+        history = None
         with record_function("geolora::stack"):
             # one stack per factor (under no_grad, no per-layer detach/slice ops), then one slice to the width ρ
-            U = torch.stack(g.U)[..., :rho]  # (B, m, ρ)
-            V = torch.stack(g.V)[..., :rho]  # (B, n, ρ)
+            U = torch.stack(g.U)  # (B, m, c)
+            V = torch.stack(g.V)  # (B, n, c)
+            ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,) no host copy
+            if probe is None:
+                rho = max(layer.r[a] for layer in g.layers)
+            else:
+                PU, PV, widened = probe
+                U, V = U + PU.to(U.dtype), V + PV.to(V.dtype)
+                history, ranks = ranks, widened
+                rho = max(layer.geolora_probe[a][2] for layer in g.layers)
+            U, V = U[..., :rho], V[..., :rho]  # (B, m, ρ), (B, n, ρ)
             S = torch.stack(g.S)[..., :rho, :rho]  # (B, ρ, ρ)
             K = torch.stack(_or_zeros(gU, g.U))[..., :rho]  # (B, m, ρ)
             L = torch.stack(_or_zeros(gV, g.V))[..., :rho]  # (B, n, ρ)
             GS = torch.stack(_or_zeros(gS, g.S))[..., :rho, :rho]  # (B, ρ, ρ)
-            ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,) no host copy
         with record_function("geolora::qr"):
             Ub = I.augment_basis(U, K, ranks)
             Vb = I.augment_basis(V, L, ranks)
@@ -668,7 +689,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 kU, kV = G_aug.shape[-2:]
                 S_aug = I.pad_coefficients(S, kU, kV) - lr * G_aug
             else:
-                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd, plain_new=augment_only)
+                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd, plain_new=augment_only,
+                                                         history=history)
                 out["moments"] = moments
             # lr * G can overflow from finite gradients: that must skip the step too, not pass silently as zeros
             out["nonfinite"] = ~torch.isfinite(S_aug).all()
@@ -680,8 +702,41 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         # augmentation of an interval keeps every direction that fits the capacity (τ = 0): the truncation by τ comes
         # at the interval's last step, after the new directions had the interval to grow or fade
         tau = 0.0 if augment_only else self.current_tau
-        out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=ranks)
+        current = ranks if history is None else history
+        out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=current)
         return out
+
+    def _refresh_probes(self) -> None:
+        """Set (or clear) every layer's probe directions for the forward of the next step: set when that step is an
+        interval's augmentation and ``explore_rank > 0``, cleared otherwise.
+
+        A layer of rank ``r`` gets ``p = min(explore_rank, c - r)`` orthonormal random columns orthogonal to its
+        ``U_r`` (and to ``V_r``), in columns ``r .. r + p - 1``.  They are drawn from a generator seeded by the step
+        count, and the factors are identical on every process (and after resuming), so every process and a resumed
+        run draw the same probes.  No host synchronisation: the widths come from the host rank mirror."""
+        st = self.settings
+        a = self.adapter_name
+        p = int(st.get("explore_rank") or 0)
+        want = p > 0 and st["augment_every"] > 1 and self.phase == "augment"
+        for index, g in enumerate(self._groups):
+            if not want:
+                self._probes[index] = None
+                for layer in g.layers:
+                    if layer.static_shapes and p > 0:  # zero probes: the compiled forward keeps one graph
+                        zeros = torch.zeros_like(g.U[0]), torch.zeros_like(g.V[0])
+                        layer.geolora_probe[a] = (*zeros, layer.r[a])
+                    else:
+                        layer.geolora_probe.pop(a, None)
+                continue
+            U, V = torch.stack(g.U), torch.stack(g.V)
+            ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)
+            seed = (self.num_steps + self.skipped_steps) * 1_000_003 + index
+            gen = torch.Generator(device=U.device).manual_seed(seed)
+            PU, widened = I.probe_directions(U, ranks, p, gen)
+            PV, _ = I.probe_directions(V, ranks, p, gen)
+            self._probes[index] = (PU, PV, widened)
+            for layer, pu, pv in zip(g.layers, PU.unbind(0), PV.unbind(0)):
+                layer.geolora_probe[a] = (pu, pv, min(layer.r[a] + p, g.cap))
 
     @property
     def num_training_steps(self) -> Optional[int]:
@@ -748,6 +803,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             return False
         with torch.no_grad(), self._full_factors():
             self._finish_interval()
+            self._refresh_probes()
         return True
 
     def _finish_interval(self) -> None:
@@ -857,7 +913,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                        tuple(m.shape), B, c, c)
         return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
 
-    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd, plain_new: bool = False):
+    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd, plain_new: bool = False, history=None):
         """Adam on S in the augmented coordinates.
 
         Moments live in the (U, V) coordinates of the current basis.  Entries of the new directions (the blocks
@@ -866,13 +922,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         that reflects how strong its gradient is relative to the layer's usual gradients, capped at Adam's unit step
         (plain Adam would give every new entry the same size ``lr`` and make the truncation unable to tell strong
         directions from noise).  Their moments start there (``m = g``, ``v = max(v̄, g²)``).  After truncation the
-        moments are rotated into the new basis (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank."""
+        moments are rotated into the new basis (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank.
+
+        ``history``: (B,) ranks whose coefficients have moments, when fewer than the basis's old columns (probe
+        directions are old columns of the widened basis but new coefficients)."""
         beta1, beta2 = self.settings["adam_betas"]
         eps = self.settings["adam_eps"]
         kU, kV = G_aug.shape[-2:]
         m, v, t = self._load_moments(g, G_aug.dtype, G_aug.device)
         t = t + 1
-        old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
+        if history is None:
+            old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
+        else:
+            old = I.column_mask(history, kU)[:, :, None] & I.column_mask(history, kV)[:, None, :]
         zero = G_aug.new_zeros(())
         bc1 = (1 - beta1**t)[:, None, None]
         bc2 = (1 - beta2**t)[:, None, None]

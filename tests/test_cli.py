@@ -554,6 +554,7 @@ KNOB_VALUES = {
     "budget_type": (["params"], "params"),
     "reorthonormalize_every": (["7"], 7),
     "augment_every": (["10"], 10),
+    "explore_rank": (["2"], 2),
     "tau_warmup_ratio": (["0.5"], 0.5),
     "tau_warmup_steps": (["40"], 40),
     "scale_by": (["r"], "r"),
