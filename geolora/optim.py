@@ -235,7 +235,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
             reorthonormalize_every=settings["reorthonormalize_every"],
             sync_factors_every=settings["sync_factors_every"], augment_every=settings["augment_every"],
-            explore_rank=settings["explore_rank"], tau_warmup_ratio=settings["tau_warmup_ratio"], tau_warmup_steps=settings["tau_warmup_steps"],
+            explore_rank=settings["explore_rank"], tau_warmup_ratio=settings["tau_warmup_ratio"],
+            tau_warmup_steps=settings["tau_warmup_steps"],
         )  # validates the overrides with the config's messages
         del probe
         self.settings = settings
