@@ -354,7 +354,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
       steps, ``tinit``/``tfinal`` as fractions of it, allocation every ``deltaT`` steps.
     * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r`` (``geolora_r_max_factor`` x r: 1 caps it at
       LoRA's rank, so it can only shrink; or ``geolora_r_max``, the same for every r), truncation tolerance ``tau``;
-      ``augment_every``, ``scale_by``, ``rank_budget``, ``budget_type`` are passed on when a suite sets them.
+      ``augment_every``, ``scale_by``, ``rank_budget``, ``budget_type``, the tau ramp, ``explore_rank`` and
+      ``adam_betas`` are passed on when a suite sets them.
     """
     import peft
 
@@ -379,7 +380,7 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
         r_max = hp.get("geolora_r_max") or int(round(factor * r))  # an absolute r_max wins (same for every r)
         # knobs a suite may set; unset ones keep GeoLoRAConfig's defaults
         extra = {k: hp[k] for k in ("augment_every", "scale_by", "rank_budget", "budget_type", "tau_warmup_ratio",
-                                      "tau_warmup_steps") if k in hp}
+                                      "tau_warmup_steps", "explore_rank", "adam_betas") if k in hp}
         return geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
                                      **extra, **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")

@@ -155,6 +155,8 @@ class GeoLoRACallback(TrainerCallback):
         # an open augmentation interval is truncated, so the adapter saved after training holds judged ranks only
         if self.optimizer is not None and self.optimizer.finish_interval():
             logger.info("GeoLoRA: training ended inside an augmentation interval; it was truncated.")
+        if self.optimizer is not None:
+            self.optimizer.clear_probes()  # evaluation and inference after training: the live ranks only
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if not self.log_ranks or logs is None or model is None:

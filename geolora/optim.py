@@ -707,6 +707,15 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=current)
         return out
 
+    def clear_probes(self) -> None:
+        """Remove the probe directions from the layers' forward (``GeoLoRACallback`` does it when training ends, so
+        evaluation and inference after training run at the live ranks).  Harmless mid-run: the next augmentation then
+        runs without probes, and the step after it sets them again."""
+        self._probes = [None] * len(self._groups)
+        for g in self._groups:
+            for layer in g.layers:
+                layer.geolora_probe.pop(self.adapter_name, None)
+
     def _refresh_probes(self) -> None:
         """Set (or clear) every layer's probe directions for the forward of the next step: set when that step is an
         interval's augmentation and ``explore_rank > 0``, cleared otherwise.
