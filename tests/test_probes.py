@@ -47,11 +47,20 @@ class OneLayer(nn.Module):
         return self.lin(x)
 
 
-def _model(r=2, r_max=8, **kw):
+class OneConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Conv2d(3, 10, 2)  # the (10, 12) matrix view: the same shapes as OneLayer
+
+    def forward(self, x):
+        return self.lin(x.view(-1, 3, 2, 2)).flatten(1)
+
+
+def _model(r=2, r_max=8, base=OneLayer, **kw):
     torch.manual_seed(0)
     kw.setdefault("augment_every", 3)
     config = geolora.GeoLoRAConfig(r=r, r_max=r_max, target_modules=["lin"], init_weights=False, **kw)
-    model = peft.get_peft_model(OneLayer(), config).double()
+    model = peft.get_peft_model(base(), config).double()
     return model, model.base_model.model.lin
 
 
@@ -90,13 +99,14 @@ def _train_step(model, opt, seed):
     opt.zero_grad()
 
 
-def test_the_probed_step_is_geolora_s_augmentation_of_the_widened_adapter():
+@pytest.mark.parametrize("base", [OneLayer, OneConv], ids=["linear", "conv2d"])
+def test_the_probed_step_is_geolora_s_augmentation_of_the_widened_adapter(base):
     """float64, sgd: the step with probes equals the explore_rank=0 step of a copy whose U, V hold the probes as live
     columns with zero coefficients (rank r + p): the same adapter, widened."""
-    model, layer = _model(s_update="sgd")
+    model, layer = _model(s_update="sgd", base=base)
     opt = geolora.create_geolora_optimizer(model, lr=5e-2)
     PU, PV, width = layer.geolora_probe["default"]
-    ref, ref_layer = _model(s_update="sgd", explore_rank=0)
+    ref, ref_layer = _model(s_update="sgd", explore_rank=0, base=base)
     ref_opt = geolora.create_geolora_optimizer(ref, lr=5e-2)
     with torch.no_grad():
         ref_layer.geolora_U["default"].copy_(layer.geolora_U["default"] + PU)
