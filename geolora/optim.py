@@ -186,8 +186,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         s_update: ``"sgd"`` (Algorithm 1 exactly), ``"adam"`` or ``"adam_layer"``; default: the adapter config's.
         num_training_steps: the run's total optimizer steps, which ``tau_warmup_ratio`` is a fraction of (settable
             later as the attribute of that name; ``GeoLoRACallback`` sets it from the Trainer).
-        tau, r_min, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps:
-            default to the adapter config's values.
+        tau, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps,
+            augment_every, explore_rank, tau_warmup_ratio, tau_warmup_steps: default to the adapter config's values.
     """
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, *, s_update: Optional[str] = None,
