@@ -28,7 +28,7 @@ def _data():
 def _peft_model(augment_every=10):
     return peft.get_peft_model(_bert(), geolora.GeoLoRAConfig(
         r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS",
-        augment_every=augment_every))
+        augment_every=augment_every, tau_warmup_ratio=0.25))
 
 
 def _train(out, model, resume=None, epochs=3):

@@ -542,7 +542,7 @@ def _ramp_step_taus(opt, model, steps):
 
 
 def test_tau_ramps_linearly_over_the_ratio_of_the_training_steps():
-    model = _make(tau=0.2)
+    model = _make(tau=0.2, tau_warmup_ratio=0.25)
     opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=40)
     assert opt.tau_warmup == 10  # round(0.25 * 40)
     taus = _ramp_step_taus(opt, model, 12)
@@ -560,7 +560,7 @@ def test_tau_warmup_steps_overrides_the_ratio_and_zero_disables_the_ramp():
 
 
 def test_ramp_ratio_without_the_number_of_training_steps_warns_once_and_applies_full_tau():
-    model = _make(tau=0.2)
+    model = _make(tau=0.2, tau_warmup_ratio=0.25)
     opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
     with pytest.warns(UserWarning, match=r"tau_warmup_ratio=0.25 .*num_training_steps") as record:
         taus = _ramp_step_taus(opt, model, 3)
@@ -570,10 +570,18 @@ def test_ramp_ratio_without_the_number_of_training_steps_warns_once_and_applies_
         opt.num_training_steps = -1
 
 
+def test_the_default_has_no_ramp_and_needs_no_number_of_training_steps(recwarn):
+    model = _make(tau=0.2, augment_every=1)
+    assert model.peft_config["default"].tau_warmup_ratio == 0.0
+    opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1)
+    assert _ramp_step_taus(opt, model, 2) == pytest.approx([0.2, 0.2])
+    assert not [w for w in recwarn if "tau_warmup" in str(w.message)]
+
+
 def test_ramp_resumes_where_it_was():
     """The ramp is a function of the step counter and the saved total: a fresh optimizer loaded from a state dict
     continues it (in a custom loop that does not pass the total again, too)."""
-    model = _make(tau=0.2)
+    model = _make(tau=0.2, tau_warmup_ratio=0.25)
     opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=0.1, num_training_steps=40)
     _ramp_step_taus(opt, model, 5)
     sd = copy.deepcopy(opt.state_dict())

@@ -1,9 +1,9 @@
 """Ranks follow the task over a whole run, from any initial rank, at GeoLoRAConfig's defaults (augment_every, the probe
-directions of explore_rank, the tau ramp over the first quarter of the run, an AdamW-range learning rate), for both
-Adam coefficient updates, up and down long after the ramp.  Under the every-step schedule without the ramp
-(augment_every=1, the rule before both) a layer started below the rank its task needs stays there, and without probe
-directions (explore_rank=0) a layer that fits the best approximation of its rank cannot grow: the rest of the gradient
-lies outside both of its bases, where GeoLoRA's augmentation [U, G V] does not look."""
+directions of explore_rank, no tau ramp, an AdamW-range learning rate), for both Adam coefficient updates, up and down,
+whenever the task changes.  Under the every-step schedule (augment_every=1, the rule before intervals) a layer started
+below the rank its task needs stays there, and without probe directions (explore_rank=0) a layer that fits the best
+approximation of its rank cannot grow: the rest of the gradient lies outside both of its bases, where GeoLoRA's
+augmentation [U, G V] does not look."""
 
 import peft
 import pytest
@@ -63,16 +63,16 @@ def test_synthetic_rank_recovery_at_the_defaults(s_update, r0):
     ("adam_layer", 1, (2, 5)), ("adam_layer", 12, (5, 2)),
 ], ids=["adam-grow", "adam-shrink", "adam_layer-grow", "adam_layer-shrink"])
 def test_ranks_follow_the_task_after_the_warm_up(s_update, r0, phases):
-    """The task changes after 1,000 steps (a new target of another rank): the rank must move to it, up or down, long
-    after the tau ramp (the first 500 of the 2,000 steps) has ended; a rank that froze once it settled fails.  At
-    lr 2e-2: adam_layer's steps do not grow with the live rank, so at 1e-2 it needs more than 1,000 steps to fit."""
+    """The task changes after 1,000 steps (a new target of another rank): the rank must move to it, up or down, and
+    fit it (loss down >= 100x within the phase); a rank that froze once it settled fails.  At lr 2e-2: adam_layer's
+    steps do not grow with the live rank, so at 1e-2 it needs more than 1,000 steps to fit."""
     model, opt, layer = _model(r0, total_steps=2000, lr=2 * LR, s_update=s_update)
     gen = torch.Generator().manual_seed(0)
     for phase, rank in enumerate(phases):
         record = []
-        _, last = _train(model, opt, layer, _target(rank, 10 + phase), 1000, gen, record)
+        first, last = _train(model, opt, layer, _target(rank, 10 + phase), 1000, gen, record)
         assert abs(record[-1] - rank) <= 1, (phase, rank, record)  # settled at this phase's rank
-        assert last < 0.05, (phase, last)
+        assert first / last >= 100, (phase, first, last)  # and fits it (per-entry Adam at a constant lr: ~0.05)
     # the two phases' ranks differ by 3, so settling within 1 of each means the rank moved after the first
 
 
@@ -89,8 +89,7 @@ def test_the_every_step_schedule_freezes_where_the_default_does_not():
 
 def test_the_initial_rank_only_sets_where_a_layer_starts(s_update="adam_layer"):
     """The paper's Fig. 2 question on the true-rank-5 problem: from r = 1, 2, 8 and 12 under the same r_max, the final
-    ranks agree to within 1 and every run fits the target; without the tau ramp (tau_warmup_steps=0) the adam_layer
-    run from r = 1 does not get there (the failure the ramp fixes)."""
+    ranks agree to within 1 and every run fits the target (loss down >= 100x)."""
     finals = []
     for r0 in (1, 2, 8, 12):
         torch.manual_seed(0)
