@@ -266,6 +266,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._guard_done = False
         self.last_ranks: dict[str, int] = {}
         self._probes: list = [None] * len(self._groups)  # per group: (U probe, V probe, widened ranks) or None
+        self._zero_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # static_shapes: per group, when off
         # torch.optim.Optimizer's hook machinery (register_step_pre_hook / post hooks, state-dict hooks), without
         # Optimizer.__init__, whose param_groups/state/defaults assignments would overwrite the wrapped optimizer's
         self._optimizer_step_pre_hooks = OrderedDict()
@@ -733,8 +734,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 self._probes[index] = None
                 for layer in g.layers:
                     if layer.static_shapes and p > 0:  # zero probes: the compiled forward keeps one graph
-                        zeros = torch.zeros_like(g.U[0]), torch.zeros_like(g.V[0])
-                        layer.geolora_probe[a] = (*zeros, layer.r[a])
+                        if index not in self._zero_probes:  # allocated once, shared by the group's layers
+                            self._zero_probes[index] = (torch.zeros_like(g.U[0]), torch.zeros_like(g.V[0]))
+                        layer.geolora_probe[a] = (*self._zero_probes[index], layer.r[a])
                     else:
                         layer.geolora_probe.pop(a, None)
                 continue
