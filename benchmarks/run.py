@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tasks as T  # noqa: E402
 
 import geolora  # noqa: E402
-from geolora import data as gdata  # noqa: E402
+from geolora.app import data as gdata  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs" / "bench"

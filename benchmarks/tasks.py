@@ -1,11 +1,11 @@
 """Models, data and metrics for the benchmark runner (``benchmarks/run.py``).
 
-Data comes from :mod:`geolora.data` (offline text sets, local files, GLUE and CIFAR from the Hub); this module only
+Data comes from :mod:`geolora.app.data` (offline text sets, local files, GLUE and CIFAR from the Hub); this module only
 adds what the benchmark needs on top:
 
 * a seeded validation split carved from the training data (learning rates are selected on it; the task's own
   evaluation split is the test set), and seeded subsets;
-* Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (IDX files), which :mod:`geolora.data` lacks;
+* Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (IDX files), which :mod:`geolora.app.data` lacks;
 * ``--data-dir``: ``<data_dir>/<task>/`` holds a task in local files (GLUE columns in train/validation CSV/TSV/JSON(L);
   images as ``train/<class>/*.png`` + ``test/<class>/*.png``);
 * base models either pretrained (a folder, a Hub id, or ``minilm`` for the packaged all-MiniLM-L6-v2) or built from a
@@ -30,7 +30,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from geolora import data as gdata
+from geolora.app import data as gdata
 
 logger = logging.getLogger(__name__)
 
@@ -432,10 +432,10 @@ def kept_parameters(model, method: str) -> dict[str, int]:
 
     adapter = 0
     if method == "geolora":
-        from geolora.optim import _unwrap, find_geolora_layers
+        from geolora import find_geolora_layers, unwrap_model
 
         ranks = geolora.get_ranks(model)
-        for name, layer in find_geolora_layers(_unwrap(model)):
+        for name, layer in find_geolora_layers(unwrap_model(model)):
             r = ranks.get(name, ranks.get(_short(name), None))
             if r is None:
                 r = next(iter(layer.r.values()))
@@ -572,9 +572,9 @@ def per_rank_params(model, method: str) -> dict[str, int]:
 
     out = {}
     if method == "geolora":
-        from geolora.optim import _unwrap, find_geolora_layers
+        from geolora import find_geolora_layers, unwrap_model
 
-        for name, layer in find_geolora_layers(_unwrap(model)):
+        for name, layer in find_geolora_layers(unwrap_model(model)):
             out[_short(name)] = int(layer.in_features + layer.out_features)
         return out
     for name, m in model.named_modules():

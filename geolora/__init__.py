@@ -8,7 +8,7 @@ from ._peft_compat import register_geolora
 from .callbacks import GeoLoRACallback, rank_statistics
 from .config import GeoLoRAConfig
 from .export import export_as_lora
-from .layer import Conv2d, GeoLoRALayer, Linear
+from .layer import Conv2d, GeoLoRALayer, Linear, find_geolora_layers, unwrap_model
 from .model import GeoLoRAModel, get_ranks
 from .optim import GeoLoRAOptimizer, create_geolora_optimizer, grow_capacity
 
@@ -22,6 +22,8 @@ __all__ = [
     "GeoLoRALayer",
     "Linear",
     "Conv2d",
+    "find_geolora_layers",
+    "unwrap_model",
     "get_ranks",
     "GeoLoRAOptimizer",
     "create_geolora_optimizer",

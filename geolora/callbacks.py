@@ -25,22 +25,16 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler
 
 from ._peft_compat import install_on_accelerated_optimizer
+from .layer import find_geolora_layers, unwrap_model
 from .model import get_ranks
-from .optim import (
-    GeoLoRAOptimizer,
-    _unwrap,
-    check_not_fsdp,
-    find_geolora_layers,
-    grow_capacity,
-    trainable_adapter,
-)
+from .optim import GeoLoRAOptimizer, check_not_fsdp, grow_capacity, trainable_adapter
 
 logger = logging.getLogger(__name__)
 
 
 def rank_statistics(model, adapter_name: Optional[str] = None) -> dict[str, float]:
     """Mean, min and max rank and the adapter parameter count (U, S, V at the live ranks)."""
-    layers = find_geolora_layers(_unwrap(model))
+    layers = find_geolora_layers(unwrap_model(model))
     ranks, params = [], 0
     for _, layer in layers:
         names = [adapter_name] if adapter_name else [a for a in layer.active_adapters if a in layer.r]
@@ -89,7 +83,7 @@ class GeoLoRACallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is None:
             return
-        inner = _unwrap(model)
+        inner = unwrap_model(model)
         layers = find_geolora_layers(inner)
         if not layers:
             raise ValueError(
@@ -124,7 +118,7 @@ class GeoLoRACallback(TrainerCallback):
             )
         if optimizer is None:
             raise RuntimeError("GeoLoRACallback: the Trainer passed no optimizer to on_train_begin.")
-        inner_model = _unwrap(model)
+        inner_model = unwrap_model(model)
         check_not_fsdp(inner_model)
         grow_capacity(inner_model)  # no-op when on_init_end already did it
         if hasattr(optimizer, "optimizer") and hasattr(optimizer, "scaler"):  # accelerate's AcceleratedOptimizer

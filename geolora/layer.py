@@ -231,7 +231,7 @@ class GeoLoRALayer(BaseTunerLayer):
             self.in_features, self.out_features = base.weight.shape
         else:
             raise TypeError(f"Unsupported layer type {type(base).__name__}")
-        self.register_load_state_dict_post_hook(GeoLoRALayer._sync_rank_mirror)
+        self.register_load_state_dict_post_hook(GeoLoRALayer.sync_rank_mirror)
 
     # ------------------------------------------------------------------ storage
     def update_layer(self, adapter_name: str, r: int, config: GeoLoRAConfig, **kwargs: Any) -> None:
@@ -297,7 +297,7 @@ class GeoLoRALayer(BaseTunerLayer):
         self._mark_factors(adapter_name)
 
     @staticmethod
-    def _sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys) -> None:
+    def sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys=None) -> None:
         """After a state dict load, refresh the host rank mirror from the (loaded) ``geolora_rank`` buffer."""
         for name, buf in module.geolora_rank.items():
             if buf.device.type != "meta":
@@ -452,6 +452,19 @@ class GeoLoRALayer(BaseTunerLayer):
             result = result + self._adapter_output(x, name).to(result.dtype)
         return result
 
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers of DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
+            model = getattr(model, attr)
+    return model
+
+
+def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
+    """Every GeoLoRA layer of ``model`` with its full module name, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GeoLoRALayer)]
 
 
 class Linear(nn.Module, GeoLoRALayer):

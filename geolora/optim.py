@@ -42,7 +42,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from . import integrator as I
-from .layer import GeoLoRALayer
+from .layer import GeoLoRALayer, find_geolora_layers, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +70,6 @@ class _LayerGroup:
     # ``AcceleratedOptimizer`` calls when it wraps an optimizer, and the Trainer on resume) replaces every param-group
     # dict, so a cached dict would keep reading the lr of the moment it was cached while the scheduler moves the new.
     owners: list[int] | None = None
-
-
-def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, GeoLoRALayer)]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    for attr in ("module", "_orig_mod"):
-        while hasattr(model, attr) and isinstance(getattr(model, attr), nn.Module):
-            model = getattr(model, attr)
-    return model
 
 
 def _geolora_config(model: nn.Module, adapter_name: str):
@@ -157,7 +146,7 @@ def trainable_adapter(layers: list[tuple[str, GeoLoRALayer]]) -> str:
 def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
     """Zero-pad every GeoLoRA layer to ``r_max`` columns (new Parameter objects).  Call before building an optimizer
     or a DDP wrapper (it creates new Parameter objects); create_geolora_optimizer and GeoLoRACallback do it for you."""
-    layers = find_geolora_layers(_unwrap(model))
+    layers = find_geolora_layers(unwrap_model(model))
     adapter_name = adapter_name or trainable_adapter(layers)
     for name, layer in layers:
         if adapter_name in layer.geolora_U:
@@ -169,7 +158,7 @@ def grow_capacity(model: nn.Module, adapter_name: Optional[str] = None) -> None:
                         "(GeoLoRACallback does it in Trainer.__init__, before the Trainer shards the model)."
                     )
                 continue
-            layer._sync_rank_mirror(layer, None)
+            layer.sync_rank_mirror(layer)
             layer.grow_capacity(adapter_name)
 
 
@@ -196,7 +185,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if isinstance(base_optimizer, GeoLoRAOptimizer):
             raise ValueError("base_optimizer is already a GeoLoRAOptimizer")
         self.base_optimizer = base_optimizer
-        model = _unwrap(model)
+        model = unwrap_model(model)
         check_not_fsdp(model)
         layers = find_geolora_layers(model)
         if not layers:
@@ -1080,7 +1069,7 @@ def create_geolora_optimizer(
             continue
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0")
-    inner = _unwrap(model)
+    inner = unwrap_model(model)
     grow_capacity(inner)
     geo_ids = set()
     for _, layer in find_geolora_layers(inner):

@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import tasks as T  # noqa: E402
 
-from geolora import data as gdata  # noqa: E402
+from geolora.app import data as gdata  # noqa: E402
 
 CELL_FIELDS = ("provenance", "test", "val", "lr", "lr_grid", "trainable_params_kept", "adapter_params_kept",
                "adapter_file_bytes", "train_time_s", "median_step_s", "peak_rss_bytes", "final_ranks", "runs")
@@ -59,7 +59,7 @@ def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
             assert key in cell, (path.name, key)
         prov = cell["provenance"]
         assert prov["git"]["revision"] and prov["versions"]["peft"] and prov["hardware"]["cpu_count"]
-        assert set(prov["metric_sources"].values()) <= {"hub", "geolora.metrics", "sklearn"}
+        assert set(prov["metric_sources"].values()) <= {"hub", "geolora.app.metrics", "sklearn"}
         assert cell["adapter_file_bytes"] > 0 and cell["median_step_s"] > 0 and cell["peak_rss_bytes"] > 0
         run = cell["runs"][cell["selected"][str(cell["budgets"][0])]]
         traj = run["rank_trajectory"]
@@ -118,9 +118,9 @@ def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
     model = T.load_base_model(spec, 10)
     cfg = T.adapter_config("geolora", 2, spec, {}, 10, None)
     pm = peft.get_peft_model(model, cfg)
-    from geolora.optim import _unwrap, find_geolora_layers
+    from geolora import find_geolora_layers, unwrap_model
 
-    layers = find_geolora_layers(_unwrap(pm))
+    layers = find_geolora_layers(unwrap_model(pm))
     assert len(layers) == 32 and all(isinstance(layer.get_base_layer(), torch.nn.Conv2d) for _, layer in layers)
     bn = next(m for m in pm.modules() if isinstance(m, torch.nn.BatchNorm2d))
     before = bn.running_mean.clone()

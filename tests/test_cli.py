@@ -1,6 +1,6 @@
 """The ``geolora`` command line end to end on tiny models built from configs and data written here (no Hub).
 
-Every subcommand runs in-process through ``geolora.cli.main``; the console script itself, the error exit of a
+Every subcommand runs in-process through ``geolora.app.cli.main``; the console script itself, the error exit of a
 fresh process and a two-process ``torchrun`` launch (gloo on CPU) run as subprocesses.
 """
 
@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from geolora import cli
+from geolora.app import cli
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "a"]
@@ -696,7 +696,7 @@ def test_user_errors_are_one_line_without_traceback(case, assets, bad_yaml):
 
 def test_console_script_error_exit_in_a_fresh_process(tmp_path):
     exe = shutil.which("geolora")
-    cmd = [exe] if exe else [sys.executable, "-m", "geolora.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "geolora.app.cli"]
     proc = subprocess.run(cmd + ["inspect", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("geolora inspect: error:")
@@ -729,7 +729,7 @@ def test_train_under_two_process_torchrun(assets, tmp_path):
     train = f"train --config {config} --model_name_or_path {assets['bert']} --task local --data_dir {assets['text']}"
     train += f" --output_dir {out} --use_cpu true --ddp_backend gloo --max_steps 3 --per_device_train_batch_size 4"
     train += " --disable_tqdm true --max_length 16"
-    cmd = launcher + ["-m", "geolora.cli"] + train.split()
+    cmd = launcher + ["-m", "geolora.app.cli"] + train.split()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())

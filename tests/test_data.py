@@ -1,4 +1,4 @@
-"""geolora.data: offline loaders (packaged sets, local files, image folders), error messages, metrics."""
+"""geolora.app.data: offline loaders (packaged sets, local files, image folders), error messages, metrics."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from geolora import data as gd
-from geolora.data import DataError
+from geolora.app import data as gd
+from geolora.app.data import DataError
 
 
 def _has(dist: str) -> bool:
@@ -204,7 +204,7 @@ def test_metrics_go_through_evaluate_offline_with_identical_numbers(monkeypatch)
     try:
         for names, preds, refs, n in cases:
             via_evaluate = gd.compute_metrics(names, preds, refs, num_labels=n)
-            assert gd.metric_sources(names) == {name: "geolora.metrics" for name in names}
+            assert gd.metric_sources(names) == {name: "geolora.app.metrics" for name in names}
             average = "binary" if n == 2 else "macro"
             direct = {}
             for name in names:

@@ -153,7 +153,7 @@ def _geolora_arguments_class():
 
     from peft.config import PeftConfig
 
-    from .config import GeoLoRAConfig
+    from geolora import GeoLoRAConfig
 
     hints = typing.get_type_hints(GeoLoRAConfig)
     peft_fields = {f.name for f in dataclasses.fields(PeftConfig)}
@@ -191,7 +191,7 @@ def _to_config(self, task_type: Optional[str]):
     """The :class:`geolora.GeoLoRAConfig` of these options (validation errors become :class:`UserError`)."""
     import dataclasses
 
-    from .config import GeoLoRAConfig
+    from geolora import GeoLoRAConfig
 
     kwargs = {}
     for f in dataclasses.fields(self):
@@ -586,8 +586,8 @@ def cmd_train(argv: list[str]) -> int:
     from peft import get_peft_model
     from transformers import Trainer, set_seed
 
-    from .callbacks import GeoLoRACallback
-    from .model import get_ranks
+    from geolora import GeoLoRACallback
+    from geolora import get_ranks
 
     model_args, data_args, geo_args, training_args = parse_train_args(argv)
     _check_resume(training_args)
@@ -930,7 +930,7 @@ def _two_dirs(prog: str, description: str, argv: list[str]):
 
 
 def cmd_export_lora(argv: list[str]) -> int:
-    from .export import export_as_lora
+    from geolora import export_as_lora
 
     args = _two_dirs(
         "geolora export-lora",
@@ -992,7 +992,7 @@ def _top_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from geolora import __version__
 
     return f"geolora {__version__}"
 

@@ -607,7 +607,7 @@ def task_modality(task: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-# the module each metric is computed with (by evaluate's script, geolora.metrics or directly), and its pip name
+# the module each metric is computed with (by evaluate's script, geolora.app.metrics or directly), and its pip name
 METRIC_PACKAGES: dict[str, tuple[str, str]] = {
     "accuracy": ("sklearn.metrics", "scikit-learn"),
     "f1": ("sklearn.metrics", "scikit-learn"),
@@ -685,7 +685,7 @@ _evaluate_cache: dict[str, tuple[object, str]] = {}
 def _evaluate_metric(name: str) -> tuple[object, str]:
     """``(module, source)`` for a metric, loaded once per process: ``evaluate.load`` of the Hub script
     (``source="hub"``); offline, evaluate with geolora's own module of the same name loaded by path
-    (``"geolora.metrics"``); without a working evaluate, ``(None, "sklearn")``."""
+    (``"geolora.app.metrics"``); without a working evaluate, ``(None, "sklearn")``."""
     if name not in _evaluate_cache:
         key = _EVALUATE_NAMES.get(name, name)
         try:
@@ -696,11 +696,11 @@ def _evaluate_metric(name: str) -> tuple[object, str]:
         try:
             _evaluate_cache[name] = (evaluate.load(key), "hub")
         except Exception as e:  # evaluate fetches metric scripts from the Hub; offline -> our module by path
-            from geolora.metrics import module_path
+            from geolora.app.metrics import module_path
 
             logger.info("evaluate.load(%r) unavailable (%s); loading geolora's offline module", key, e)
             try:
-                _evaluate_cache[name] = (evaluate.load(module_path(key)), "geolora.metrics")
+                _evaluate_cache[name] = (evaluate.load(module_path(key)), "geolora.app.metrics")
             except Exception as e2:
                 logger.warning("evaluate.load(%s) failed (%s); computing %s with scikit-learn/scipy",
                                module_path(key), e2, name)
@@ -709,7 +709,7 @@ def _evaluate_metric(name: str) -> tuple[object, str]:
 
 
 def metric_sources(metric_names: Sequence[str]) -> dict[str, str]:
-    """Where each metric is computed: ``hub`` (evaluate's script), ``geolora.metrics`` or ``sklearn``."""
+    """Where each metric is computed: ``hub`` (evaluate's script), ``geolora.app.metrics`` or ``sklearn``."""
     return {name: _evaluate_metric(name)[1] for name in metric_names}
 
 
