@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install assets bench-assets bench-cpu main test lint
+.PHONY: install assets bench-assets bench-cpu main test test-fast lint
 
 # torch first, pinned: on these machines the CPU wheel comes from local disk; an unpinned torch could pull CUDA.
 install:
@@ -35,5 +35,12 @@ test: install
 	$(PYTHON) scripts/fetch_peft_tests.py
 	HF_HUB_OFFLINE=1 GEOLORA_REQUIRE_PEFT_TESTS=1 $(PYTHON) -m pytest -q tests
 
-lint:
-	ruff check geolora tests scripts benchmarks
+# ruff (pinned in the test extra): lint and formatting, both part of CI (.ci/run).
+LINT_PATHS = geolora tests scripts benchmarks
+lint: install
+	$(PYTHON) -m ruff check $(LINT_PATHS)
+	$(PYTHON) -m ruff format --check $(LINT_PATHS)
+
+# The fast tests: everything but the slow end-to-end ones (subprocesses, multi-process, PEFT's generic suite).
+test-fast:
+	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -m "not slow" tests

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from geolora.io import atomic_write, atomic_write_text
+
 
 def load_runs(suite_dir: Path) -> dict[str, list[dict]]:
     """{task: [run, ...]} from ``geolora--<task>--<seed>[.partial].json`` (a finished file wins over a partial one)."""
@@ -101,7 +103,8 @@ def plot(runs_by_task: dict[str, list[dict]], path: Path) -> None:
         ax.set_ylabel("total rank (after each interval's truncation)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
             for task, rs in load_runs(Path(args.results_dir) / name).items():
                 combined.setdefault(task, []).extend(rs)
         text += "\n\nSeed spread (" + ", ".join([args.suite, *args.seeds_with]) + "):\n\n" + seed_table(combined)
-    (suite_dir / "summary.md").write_text(text + "\n")
+    atomic_write_text(suite_dir / "summary.md", text + "\n")
     try:
         plot(runs, suite_dir / "rank-over-steps.png")
     except ImportError:

@@ -29,6 +29,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from geolora.app.models import layer_parameters  # noqa: E402
+from geolora.io import atomic_write, atomic_write_text  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 METHOD_ORDER = ("geolora", "lora", "adalora")
 COLORS = {"geolora": "tab:blue", "lora": "tab:orange", "adalora": "tab:green"}
@@ -231,8 +234,7 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="rank")
         fig.tight_layout()
         path = out / f"ranks-{suite}-{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -274,8 +276,7 @@ def plot_metric_vs_params(suite: str, cells: list[dict], out: Path) -> Optional[
                  fontsize=10)
     fig.tight_layout()
     path = out / f"metric-vs-params-{suite}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -315,21 +316,27 @@ def plot_robustness(suite: str, cells: list[dict], out: Path) -> list[Path]:
             ax.set_title(f"{c['method']} ({task}, seed {c['seed']}): test {metric}", fontsize=9)
         fig.tight_layout()
         path = out / f"robustness-{suite}-{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path)
         paths.append(path)
     return paths
 
 
 def adapter_params_over_steps(run: dict, method: str) -> tuple[list[int], list[int]]:
+    """Adapter parameters at every rank snapshot: :func:`geolora.app.models.layer_parameters` of each layer's rank
+    with the run's ``per_rank_params`` (what one rank costs in that layer)."""
     traj, cost = run["rank_trajectory"], run.get("per_rank_params") or {}
     totals = []
     for row in traj["ranks"]:
-        total = 0
-        for name, r in zip(traj["layers"], row):
-            total += r * cost.get(name, 0) + (r * r if method == "geolora" else 0)
-        totals.append(total)
+        totals.append(sum(layer_parameters(method, r, cost.get(name, 0)) for name, r in zip(traj["layers"], row)))
     return traj["steps"], totals
+
+
+def _save(fig, path: Path) -> Path:
+    """``fig`` as a PNG at ``path``, written atomically, and closed."""
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
 
 
 def plot_params_over_steps(suite: str, cells: list[dict], out: Path) -> list[Path]:
@@ -359,8 +366,7 @@ def plot_params_over_steps(suite: str, cells: list[dict], out: Path) -> list[Pat
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"params-over-steps-{suite}-{task}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -390,7 +396,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"versions {first['versions']}, hardware {first['hardware']}. {first.get('note', '')}", ""]
     summary = summary_table(suites)
     if summary:
-        (report.parent / "summary.md").write_text("\n".join(summary) + "\n")
+        atomic_write_text(report.parent / "summary.md", "\n".join(summary) + "\n")
         lines += ["## Summary (test metric, mean ± std over seeds; cost of the selected runs)", ""] + summary
     for suite, cells in suites.items():
         grid = any(c.get("kind") == "grid" for c in cells)
@@ -406,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         lines += [f"![{p.stem}]({p.relative_to(report.parent) if p.is_relative_to(report.parent) else p})"
                   for p in made if p is not None]
         lines.append("")
-    report.write_text("\n".join(lines) + "\n")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     print(f"wrote {report} and {len(list(plots.glob('*.png')))} plots under {plots}")
     return 0
 

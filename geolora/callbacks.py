@@ -17,17 +17,16 @@ The callback only schedules; the step itself is :class:`geolora.GeoLoRAOptimizer
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Optional
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler
 
-from ._peft_compat import install_on_accelerated_optimizer
+from ._compat import install_on_accelerated_optimizer, run_callback_early
+from .distributed import check_not_fsdp
 from .layer import find_geolora_layers, unwrap_model
 from .model import get_ranks
-from .optim import GeoLoRAOptimizer, check_not_fsdp, grow_capacity, trainable_adapter
+from .optim import GeoLoRAOptimizer, grow_capacity, trainable_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,21 +49,6 @@ def rank_statistics(model, adapter_name: Optional[str] = None) -> dict[str, floa
         "geolora/max_rank": float(max(ranks)),
         "geolora/adapter_params": float(params),
     }
-
-
-def _find_in_stack(cls, depth: int = 8):
-    frame = inspect.currentframe()
-    try:
-        for _ in range(depth):
-            frame = frame.f_back if frame is not None else None
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, cls):
-                return candidate
-    finally:
-        del frame
-    return None
 
 
 class GeoLoRACallback(TrainerCallback):
@@ -93,11 +77,7 @@ class GeoLoRACallback(TrainerCallback):
             )
         check_not_fsdp(inner)
         grow_capacity(inner, trainable_adapter(layers))
-        handler = _find_in_stack(CallbackHandler)
-        if handler is not None and self in handler.callbacks:
-            # run before the report_to integrations so that they see the rank statistics in on_log
-            handler.callbacks.remove(self)
-            handler.callbacks.insert(1 if handler.callbacks else 0, self)
+        run_callback_early(self)  # before the report_to integrations, so that they see the rank statistics in on_log
 
     def _check_s_update(self, optimizer: GeoLoRAOptimizer) -> GeoLoRAOptimizer:
         built = optimizer.settings["s_update"]
@@ -162,3 +142,5 @@ class GeoLoRACallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(stats)
 
+
+__all__ = ["GeoLoRACallback", "rank_statistics"]

@@ -12,7 +12,8 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 from peft.utils import CONFIG_NAME
 
-from ._peft_compat import ensure_peft_type_member
+from ._compat import ensure_peft_type_member
+from .io import atomic_write_bytes
 
 S_UPDATES = ("adam", "adam_layer", "sgd")
 SCALE_BY = ("r_max", "r")
@@ -363,18 +364,17 @@ class GeoLoRAConfig(PeftConfig):
         return out
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """PEFT's ``save_pretrained``, written atomically: the JSON goes to a temporary folder inside
-        ``save_directory`` and is renamed over ``adapter_config.json``, so a killed save never leaves a half-written
-        config (the previous one or the new one stays)."""
+        """PEFT's ``save_pretrained``, written atomically: PEFT writes the JSON into a temporary folder inside
+        ``save_directory``, and its bytes go to ``adapter_config.json`` through :func:`geolora.io.atomic_write_bytes`,
+        so a killed save never leaves a half-written config (the previous one or the new one stays)."""
         if os.path.isfile(save_directory):
             raise AssertionError(f"Provided path ({save_directory}) should be a directory, not a file")
         os.makedirs(save_directory, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".adapter_config.", dir=save_directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
-            written = os.path.join(tmp, CONFIG_NAME)
-            with open(written, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(written, os.path.join(save_directory, CONFIG_NAME))
+            with open(os.path.join(tmp, CONFIG_NAME), "rb") as f:
+                data = f.read()
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), data)
 
     @property
     def scaling(self) -> float:

@@ -2,34 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
+from .io import atomic_save_safetensors, atomic_write_json
 from .layer import GeoLoRALayer
-from .model import _strip_prefixes
+from .model import strip_prefixes
 
 _PREFIX = "base_model.model."
-
-
-def atomic_write_bytes(path: os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_name: str = "default") -> Path:
@@ -42,7 +24,6 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
     """
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save
 
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, dict):
@@ -58,7 +39,7 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
         if isinstance(module, GeoLoRALayer) and adapter_name in module.geolora_U:
             if module.merged:
                 raise ValueError(
-                    f"export_as_lora: layer '{_strip_prefixes(name)}' is merged into the base weights; call "
+                    f"export_as_lora: layer '{strip_prefixes(name)}' is merged into the base weights; call "
                     "model.unmerge_adapter() first (a merged adapter cannot be exported without the base)."
                 )
             layers[name] = module
@@ -82,7 +63,7 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
         key = name if name.startswith(_PREFIX) else _PREFIX + name
         state[f"{key}.lora_A.weight"] = A.contiguous()
         state[f"{key}.lora_B.weight"] = B.contiguous()
-        short = _strip_prefixes(name)
+        short = strip_prefixes(name)
         rank_pattern[short] = k
         alpha_pattern[short] = k
     target = config.target_modules
@@ -109,13 +90,13 @@ def export_as_lora(peft_model: nn.Module, out_dir: str | os.PathLike, adapter_na
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    atomic_write_bytes(out / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    atomic_save_safetensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     cfg = lora_config.to_dict()
     for k, v in cfg.items():
         if isinstance(v, set):
             cfg[k] = sorted(v)
-    atomic_write_bytes(out / "adapter_config.json", (json.dumps(cfg, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_json(out / "adapter_config.json", cfg, sort_keys=True)
     return out
 
 
-__all__ = ["export_as_lora", "atomic_write_bytes"]
+__all__ = ["export_as_lora"]

@@ -13,18 +13,52 @@ One step:
 1. ``augment_basis``: thin QR of ``[U_r, K_r]`` gives ``Ũ`` (the new directions outside span(U)); the augmented
    basis is ``[U_r, Ũ, *]`` where ``*`` are unused orthonormal columns (their coefficients are zero).
 2. ``augmented_gradient``: the gradient in augmented coordinates,
-   ``[[U^T G V, U^T G Ṽ], [Ũ^T G V, 0]]``; ``augmented_coefficients`` (SGD) is ``pad(S) - λ * that``.
+   ``[[U^T G V, U^T G Ṽ], [Ũ^T G V, 0]]``; the new coefficients are ``augmented_coefficients`` (SGD,
+   ``pad(S) - λ * that``) or ``adam_coefficients`` (an Adam step on them, with the Adam ``Moments``).
 3. ``truncation_rank`` / ``budget_truncation_ranks``: the new ranks from the singular values.
-4. ``truncate``: ``U <- [U Ũ] P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- [V Ṽ] Q[:, :r1]``.
+4. ``truncate``: ``U <- [U Ũ] P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- [V Ṽ] Q[:, :r1]``; ``rotate_moments``
+   carries the Adam moments into the new basis (``m <- P^T m Q``).
+
+Between augmentations (``augment_every > 1``) the coefficient steps use the same functions with a
+``fixed_basis`` (every live column old, no new directions) and ``G_aug = U^T G V``.
 
 QR and SVD run in at least float32 whatever the input dtype; nothing divides by a singular value.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Sequence, Union
 
 import torch
+
+__all__ = [
+    "AugmentedBasis",
+    "Moments",
+    "Scalars",
+    "Truncated",
+    "adam_coefficients",
+    "augment_basis",
+    "augmented_coefficients",
+    "augmented_gradient",
+    "budget_truncation_ranks",
+    "column_mask",
+    "compute_dtype",
+    "fit_block",
+    "fit_moments",
+    "fixed_basis",
+    "orthonormality_error",
+    "pad_coefficients",
+    "probe_directions",
+    "reorthonormalize",
+    "rotate_moments",
+    "truncate",
+    "truncation_rank",
+    "zero_moments",
+]
+
+Scalars = Union[float, torch.Tensor]
+"""A per-item scalar (λ, weight decay): one Python float for the whole batch, or a tensor of ``B`` values, shaped
+``(B,)`` or ``(B, 1, 1)``."""
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -86,9 +120,20 @@ def probe_directions(
 
 
 class AugmentedBasis(NamedTuple):
+    """A basis with its columns marked old (coefficients with history) or new (the augmentation's directions)."""
+
     basis: torch.Tensor  # (B, m, k) = [U_r, Ũ, unused]; k = min(m, 2c)
     is_old: torch.Tensor  # (B, k) True on the first r columns (the old basis)
     is_new: torch.Tensor  # (B, k) True on the Ũ columns (r .. 2r)
+
+
+def fixed_basis(basis: torch.Tensor, live: torch.Tensor) -> AugmentedBasis:
+    """A basis with no new directions: every live column is old (the coefficient steps inside an interval).
+
+    Args:
+        basis: (B, m, k); live: (B, k) boolean, True on each item's live columns (e.g. :func:`column_mask`).
+    """
+    return AugmentedBasis(basis, live, torch.zeros_like(live))
 
 
 def augment_basis(U: torch.Tensor, K: torch.Tensor, ranks: torch.Tensor) -> AugmentedBasis:
@@ -131,12 +176,11 @@ def augmented_gradient(
     """
     dt = Ub.basis.dtype
     kU, kV = Ub.basis.shape[-1], Vb.basis.shape[-1]
-    cap = K.shape[-1]
     top = L.to(dt).transpose(1, 2) @ Vb.basis  # (B, c, kV): rows = U columns
     left = Ub.basis.transpose(1, 2) @ K.to(dt)  # (B, kU, c): cols = V columns
-    top = _fit(top, kU, kV)
-    left = _fit(left, kU, kV)
-    gS = _fit(gS.to(dt), kU, kV)
+    top = fit_block(top, kU, kV)
+    left = fit_block(left, kU, kV)
+    gS = fit_block(gS.to(dt), kU, kV)
     row_old = Ub.is_old[:, :, None]
     col_old = Vb.is_old[:, None, :]
     row_new = Ub.is_new[:, :, None]
@@ -144,12 +188,11 @@ def augmented_gradient(
     out = torch.where(row_old & col_old, gS, torch.zeros((), dtype=dt, device=gS.device))
     out = torch.where(row_old & col_new, top, out)
     out = torch.where(row_new & col_old, left, out)
-    del cap
     return out
 
 
-def _fit(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Zero-pad or crop the last two dims of ``x`` to (rows, cols)."""
+def fit_block(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Zero-pad or crop the last two dims of ``x`` to (rows, cols) (the top-left block is kept)."""
     x = x[..., :rows, :cols]
     pr, pc = rows - x.shape[-2], cols - x.shape[-1]
     if pr or pc:
@@ -159,17 +202,162 @@ def _fit(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def pad_coefficients(S: torch.Tensor, kU: int, kV: int) -> torch.Tensor:
     """``S`` (B, c, c) placed in the top-left corner of a (B, kU, kV) matrix, in compute precision."""
-    return _fit(S.to(compute_dtype(S.dtype)), kU, kV)
+    return fit_block(S.to(compute_dtype(S.dtype)), kU, kV)
 
 
-def augmented_coefficients(S: torch.Tensor, G_aug: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+def _per_item(x: Scalars, dtype: torch.dtype) -> Scalars:
+    """A Python float as it is; a tensor of B values as (B, 1, 1) in ``dtype`` (broadcasts over an item's matrix)."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype).reshape(-1, 1, 1)
+    return x
+
+
+def augmented_coefficients(S: torch.Tensor, G_aug: torch.Tensor, lr: Scalars) -> torch.Tensor:
     """Algorithm 1 (SGD): ``S_aug = [[S - λ U^T G V, -λ U^T G Ṽ], [-λ Ũ^T G V, 0]]``.
 
+    With a :func:`fixed_basis` (a coefficient step inside an interval) ``G_aug`` is ``U^T G V`` and this is
+    ``S - λ U^T G V``.
+
     Args:
-        S: (B, c, c); G_aug: (B, kU, kV) from :func:`augmented_gradient`; lr: (B,) learning rates λ.
+        S: (B, c, c) coefficients (zero beyond each item's rank).
+        G_aug: (B, kU, kV) from :func:`augmented_gradient`, in compute precision.
+        lr: learning rates λ (see :data:`Scalars`).
+
+    Returns (B, kU, kV) in ``G_aug``'s dtype.
     """
     kU, kV = G_aug.shape[-2:]
-    return pad_coefficients(S, kU, kV) - lr.to(G_aug.dtype)[:, None, None] * G_aug
+    return pad_coefficients(S, kU, kV) - _per_item(lr, G_aug.dtype) * G_aug
+
+
+class Moments(NamedTuple):
+    """Adam moments of the coefficients of a batch of layers, in the coordinates of their current bases."""
+
+    exp_avg: torch.Tensor  # (B, rows, cols) first moment m
+    exp_avg_sq: torch.Tensor  # (B, rows, cols) second moment v (non-negative)
+    step: torch.Tensor  # (B,) float, Adam steps taken (for the bias correction)
+
+
+def zero_moments(batch: int, rows: int, cols: int, dtype: torch.dtype, device=None) -> Moments:
+    """Fresh moments: ``m = v = 0``, no steps taken."""
+    zeros = torch.zeros(batch, rows, cols, dtype=dtype, device=device)
+    return Moments(zeros, zeros.clone(), torch.zeros(batch, dtype=dtype, device=device))
+
+
+def fit_moments(moments: Moments, rows: int, cols: int) -> Moments:
+    """The moments zero-padded or cropped to (rows, cols) (see :func:`fit_block`); the step count is unchanged."""
+    return Moments(fit_block(moments.exp_avg, rows, cols), fit_block(moments.exp_avg_sq, rows, cols), moments.step)
+
+
+def adam_coefficients(
+    S: torch.Tensor,
+    G_aug: torch.Tensor,
+    Ub: AugmentedBasis,
+    Vb: AugmentedBasis,
+    moments: Moments,
+    lr: Scalars,
+    weight_decay: Scalars = 0.0,
+    *,
+    betas: tuple[float, float],
+    eps: float,
+    capacity: int,
+    per_layer: bool = False,
+    plain_new: bool = False,
+    history: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, Moments]:
+    """Adam on S in the augmented coordinates (``s_update="adam"``, or ``"adam_layer"`` with ``per_layer``).
+
+    Moments live in the (U, V) coordinates of the current basis; entries of the old block (old rows and old columns,
+    or the first ``history`` of each) have history and take a bias-corrected Adam step.  Entries of the new
+    directions (the blocks ``U^T G Ṽ`` and ``Ũ^T G V``) have no history: they take one preconditioned step
+    ``g / sqrt(max(v̄, g²))`` with ``v̄`` the mean bias-corrected second moment of the item's old block (0 without
+    one), so a new direction enters with a size that reflects how strong its gradient is relative to the layer's
+    usual gradients, capped at Adam's unit step (plain Adam would give every new entry the same size ``lr`` and make
+    the truncation unable to tell strong directions from noise).  Their moments start there (``m̂ = g``,
+    ``v̂ = max(v̄, g²)``).  Decoupled weight decay (AdamW): ``S <- S (1 - λ wd)`` before the step.  After a
+    truncation, :func:`rotate_moments` carries the moments into the new basis.
+
+    Args:
+        S: (B, c, c) coefficients.
+        G_aug: (B, kU, kV) the gradient in augmented coordinates (:func:`augmented_gradient`; ``U^T G V`` with a
+            :func:`fixed_basis`), in compute precision.
+        Ub, Vb: the augmented (or fixed) bases, whose ``is_old`` / ``is_new`` masks say which entries have history.
+        moments: the item's moments, any (rows, cols) (padded or cropped to (kU, kV) here), in ``G_aug``'s dtype.
+        lr, weight_decay: λ and the weight decay (see :data:`Scalars`).
+        betas, eps: Adam's ``(β1, β2)`` and ε.
+        capacity: the layers' capacity ``c``: ``per_layer``'s second moment is the sum over the live entries divided
+            by it.
+        per_layer: one second moment per layer (``"adam_layer"``) instead of one per entry.
+        plain_new: new entries start as fresh Adam entries (first step ``λ sign(g)``), and those whose gradient is
+            rounding noise relative to the item's largest stay 0 (the interval augmentation).
+        history: (B,) ranks whose coefficients have moments, when fewer than the bases' old columns (probe
+            directions are old columns of the widened basis but new coefficients).
+
+    Returns ``(S_aug (B, kU, kV), the updated moments (B, kU, kV), step + 1)``.
+    """
+    beta1, beta2 = betas
+    dt, device = G_aug.dtype, G_aug.device
+    kU, kV = G_aug.shape[-2:]
+    m, v = (x.to(device=device, dtype=dt) for x in moments[:2])
+    t = moments.step.to(device=device, dtype=dt) + 1
+    lr, weight_decay = _per_item(lr, dt), _per_item(weight_decay, dt)
+    if history is None:
+        old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
+    else:
+        old = column_mask(history, kU)[:, :, None] & column_mask(history, kV)[:, None, :]
+    zero = G_aug.new_zeros(())
+    bc1 = (1 - beta1**t)[:, None, None]
+    bc2 = (1 - beta2**t)[:, None, None]
+    m = torch.where(old, fit_block(m, kU, kV), zero).lerp_(G_aug, 1 - beta1)  # β1 m + (1 - β1) g on the old block
+    v = torch.where(old, fit_block(v, kU, kV), zero).mul_(beta2).add_(G_aug * G_aug, alpha=1 - beta2)
+    oldf = old.to(dt)
+    v_bar = (v * oldf).sum((-2, -1), keepdim=True) / oldf.sum((-2, -1), keepdim=True).clamp_min(1.0)
+    m = torch.where(old, m, G_aug * bc1)  # new entries: m̂ = g
+    # new entries: v̂ = max(v̄, g²): a step g / sqrt(v̄) for directions weaker than the layer's typical gradient,
+    # capped at Adam's unit step for stronger ones (v̄ can be tiny right after S = 0)
+    if plain_new:  # interval augmentation: a new entry starts as a fresh Adam entry (first step lr * sign(g))
+        # ... unless its gradient is rounding noise (e.g. the arbitrary extra columns QR returns for a
+        # rank-deficient K): Adam would blow noise up to a full step; those entries stay 0 (m = v = 0)
+        peak = G_aug.abs().amax((-2, -1), keepdim=True)
+        noise = G_aug.abs() <= max(1e-5, 100 * torch.finfo(dt).eps) * peak
+        new_noise = ~old & noise
+        m = torch.where(new_noise, zero, m)
+        v = torch.where(old, v, torch.where(new_noise, zero, G_aug * G_aug * bc2))
+    else:
+        v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
+    if per_layer:
+        # one second moment per layer: the mean over its coefficients that have a gradient (old block and the
+        # new off-diagonal blocks), so each coefficient moves in proportion to its momentum and the singular
+        # values keep ranking the directions by importance (per-entry Adam moves every entry by ~lr per step,
+        # which flattens the spectrum and leaves the truncation nothing to cut)
+        rows = Ub.is_old | Ub.is_new
+        cols = Vb.is_old | Vb.is_new
+        live = (rows[:, :, None] & cols[:, None, :]) & ~(Ub.is_new[:, :, None] & Vb.is_new[:, None, :])
+        livef = live.to(v.dtype)
+        # normalised by the capacity, not the live count: a mean over the live entries would shrink as the rank
+        # grows (the new entries' gradients are small) and so enlarge the steps of every entry, the strong ones too
+        v_layer = (v * livef).sum((-2, -1), keepdim=True) / float(capacity)
+        direction = (m / bc1) / ((v_layer / bc2).sqrt() + eps) * livef
+    else:
+        direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
+    S_pad = pad_coefficients(S, kU, kV) * (1 - lr * weight_decay)
+    return S_pad - lr * direction, Moments(m, v, t)
+
+
+def rotate_moments(moments: Moments, P: torch.Tensor, Q: torch.Tensor) -> Moments:
+    """Adam moments carried into the basis ``U_new = Ub P``, ``V_new = Vb Q`` (after :func:`truncate`).
+
+    ``m <- P^T m Q`` (the first moment as a matrix in weight space, ``Ub m Vb^T``, is kept wherever ``P``, ``Q``
+    span the basis) and ``v <- (P∘P)^T v (Q∘Q)`` (squared weights: ``v`` stays non-negative, and exact for a
+    signed permutation); columns of ``P``, ``Q`` that are zero (beyond the new rank) give zero moments.
+
+    Args:
+        moments: (B, kU, kV) in the coordinates of ``Ub``, ``Vb``.
+        P: (B, kU, c), Q: (B, kV, c) e.g. :class:`Truncated`'s ``P``, ``Q``.
+
+    Returns (B, c, c) moments; the step count is unchanged.
+    """
+    m, v, t = moments
+    return Moments(P.transpose(1, 2) @ m @ Q, (P * P).transpose(1, 2) @ v @ (Q * Q), t)
 
 
 def truncation_rank(
@@ -269,6 +457,8 @@ def budget_truncation_ranks(
 
 
 class Truncated(NamedTuple):
+    """The factors after a truncation, and the rotations that map the augmented coordinates to the new ones."""
+
     U: torch.Tensor  # (B, m, c)
     S: torch.Tensor  # (B, c, c)
     V: torch.Tensor  # (B, n, c)
@@ -287,8 +477,8 @@ def truncate(
         ``full_matrices=False``); ranks: (B,) new ranks (<= cap).
     """
     mask = column_mask(ranks, cap).to(P.dtype)  # (B, c)
-    Pk = _fit(P, P.shape[-2], cap) * mask[:, None, :]  # (B, kU, c)
-    Qk = _fit(Qh.transpose(1, 2), Qh.shape[-1], cap) * mask[:, None, :]  # (B, kV, c)
+    Pk = fit_block(P, P.shape[-2], cap) * mask[:, None, :]  # (B, kU, c)
+    Qk = fit_block(Qh.transpose(1, 2), Qh.shape[-1], cap) * mask[:, None, :]  # (B, kV, c)
     sig = torch.nn.functional.pad(sigma, (0, max(0, cap - sigma.shape[-1])))[..., :cap] * mask
     U = Ub @ Pk  # (B, m, c)
     V = Vb @ Qk  # (B, n, c)

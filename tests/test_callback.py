@@ -153,7 +153,7 @@ def test_bf16_autocast_training(tmp_path):
 
 
 def test_fsdp1_is_refused_clearly():
-    from geolora.optim import check_not_fsdp
+    from geolora.distributed import check_not_fsdp
 
     class FullyShardedDataParallel(torch.nn.Module):
         pass

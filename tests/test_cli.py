@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from geolora.app import cli
+from geolora.app import cli, models
 
 REPO = Path(__file__).resolve().parent.parent
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "a"]
@@ -287,7 +287,7 @@ def test_a_weight_nothing_provides_is_still_reported(assets, tmp_path):
     from safetensors.torch import load_file, save_file
 
     with _load_reports() as records:  # nothing provides the head: transformers' own report stays
-        cli._load_base_model(str(assets["headless"]), "text", ["neg", "pos"])
+        models.load_base_model(str(assets["headless"]), "text", ["neg", "pos"])
     assert any("LOAD REPORT" in r.getMessage() and "classifier.weight" in r.getMessage() for r in records)
 
     broken = tmp_path / "broken-bert"  # the checkpoint also lacks an encoder weight: a real problem
@@ -297,7 +297,7 @@ def test_a_weight_nothing_provides_is_still_reported(assets, tmp_path):
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     err = io.StringIO()
     with _load_reports() as records, contextlib.redirect_stderr(err):
-        cli._load_base_model(str(broken), "text", ["neg", "pos"], provided=["classifier"])
+        models.load_base_model(str(broken), "text", ["neg", "pos"], provided=["classifier"])
     assert not any("LOAD REPORT" in r.getMessage() for r in records)
     lines = [line for line in err.getvalue().splitlines() if line.startswith("geolora: warning:")]
     assert len(lines) == 1, err.getvalue()
@@ -343,7 +343,7 @@ def test_export_lora_and_merge_match_the_adapter(trained, tmp_path):
     assert "LoRA adapter" in stdout
     lora_cfg = LoraConfig.from_pretrained(tmp_path / "lora")
     assert lora_cfg.rank_pattern == json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
-    base = cli._load_base_model(lora_cfg.base_model_name_or_path, "text", ["neg", "pos"])
+    base = models.load_base_model(lora_cfg.base_model_name_or_path, "text", ["neg", "pos"])
     lora = PeftModel.from_pretrained(base, tmp_path / "lora").eval()
     torch.testing.assert_close(_logits(lora, tokenizer), reference, atol=1e-5, rtol=1e-4)
 
@@ -365,8 +365,8 @@ def test_packaged_base_model_is_recorded_by_its_hub_id_and_still_loads_offline(a
     package.get_model_path = lambda: assets["bert"]
     monkeypatch.setitem(sys.modules, package.__name__, package)
     entry = (package.__name__, "geolora-test-packaged-model==0.1", "someone/tiny-bert")
-    monkeypatch.setitem(cli.BUILTIN_MODELS, "tiny-packaged", entry)
-    monkeypatch.setitem(cli.BUILTIN_MODELS, "someone/tiny-bert", entry)
+    monkeypatch.setitem(models.BUILTIN_MODELS, "tiny-packaged", entry)
+    monkeypatch.setitem(models.BUILTIN_MODELS, "someone/tiny-bert", entry)
     out = tmp_path / "run"
     argv = ["train", "--model_name_or_path", "tiny-packaged", "--data_dir", assets["text"], "--output_dir", out]
     rc, _, stderr = run_cli(*argv, *FAST)

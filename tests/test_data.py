@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import importlib.util
 import json
 import sys
 
@@ -164,7 +163,7 @@ def test_digits_images():
 
 # ------------------------------------------------------------------------------------------------ metrics
 def test_metrics_golden_values():
-    """Offline metrics against values computed by hand (and equal to evaluate's scripts, which wrap sklearn/scipy)."""
+    """Metrics against values computed by hand (and equal to evaluate's Hub scripts, which wrap sklearn/scipy)."""
     preds, refs = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 0, 1]
     m = gd.compute_metrics(("accuracy", "f1", "matthews_correlation"), preds, refs, num_labels=2)
     # tp=2 fp=1 fn=1 tn=2: acc 4/6, f1 2*2/(2*2+1+1) = 2/3, mcc (4-1)/sqrt(3*3*3*3) = 1/3
@@ -176,53 +175,60 @@ def test_metrics_golden_values():
     assert macro["f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)
 
 
-def _hub_unreachable(monkeypatch):
-    """evaluate.load as it behaves offline: Hub names fail, local module files load."""
+def _sklearn_scipy(name, preds, refs, average):
+    """The reference: scikit-learn / scipy on the inputs cast as evaluate's features cast them (int32 for
+    classification; float32 for regression, handed over as Python (double) floats)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    if name in ("pearson", "spearmanr"):
+        preds = np.asarray(preds).astype(np.float32).astype(np.float64)
+        refs = np.asarray(refs).astype(np.float32).astype(np.float64)
+        return float((pearsonr if name == "pearson" else spearmanr)(refs, preds)[0])
+    preds, refs = np.asarray(preds).astype(np.int32), np.asarray(refs).astype(np.int32)
+    if name == "f1":
+        return float(f1_score(refs, preds, average=average))
+    return float({"accuracy": accuracy_score, "matthews_correlation": matthews_corrcoef}[name](refs, preds))
+
+
+def test_metrics_go_through_the_one_evaluate_metric_with_identical_numbers(monkeypatch):
+    """Every metric goes through geolora.app.metrics.TaskMetric (an evaluate.Metric; nothing fetched from the Hub)
+    and gives exactly scikit-learn's / scipy's numbers on the same predictions, for every GLUE metric."""
     import evaluate
 
-    real = evaluate.load
+    from geolora.app import metrics as gm
 
-    def load(path, *a, **k):
-        if not str(path).endswith(".py"):
-            raise FileNotFoundError(f"Couldn't find a module script at {path}")
-        return real(path, *a, **k)
+    def no_hub(*args, **kwargs):
+        raise AssertionError("evaluate.load must not be called: the metrics are geolora.app.metrics.TaskMetric")
 
-    monkeypatch.setattr(evaluate, "load", load)
-
-
-def test_metrics_go_through_evaluate_offline_with_identical_numbers(monkeypatch):
-    """Offline, metrics go through evaluate with geolora's own modules (loaded by path); the scikit-learn/scipy path
-    gives exactly the same numbers on the same predictions, for every GLUE metric."""
-    gd._evaluate_cache.clear()
-    _hub_unreachable(monkeypatch)
+    monkeypatch.setattr(evaluate, "load", no_hub)
     rng = np.random.default_rng(0)
     cases = [
         (("accuracy", "f1", "matthews_correlation"), rng.integers(0, 2, 300), rng.integers(0, 2, 300), 2),
         (("accuracy", "f1"), rng.integers(0, 5, 300), rng.integers(0, 5, 300), 5),
         (("pearson", "spearmanr"), rng.normal(size=300) * 2.5, rng.uniform(0, 5, 300), 1),
     ]
-    try:
-        for names, preds, refs, n in cases:
-            via_evaluate = gd.compute_metrics(names, preds, refs, num_labels=n)
-            assert gd.metric_sources(names) == {name: "geolora.app.metrics" for name in names}
-            average = "binary" if n == 2 else "macro"
-            direct = {}
-            for name in names:
-                direct.update(gd._offline_metric(name, preds, refs, average))
-            assert via_evaluate == direct  # identical, not approximately equal
-            assert all(0 < abs(v) < 1 for v in direct.values()) or n == 1
-    finally:
-        gd._evaluate_cache.clear()
+    for names, preds, refs, n in cases:
+        via_evaluate = gd.compute_metrics(names, preds, refs, num_labels=n)
+        assert gd.metric_sources(names) == {name: "geolora.app.metrics" for name in names}
+        average = "binary" if n == 2 else "macro"
+        direct = {name: _sklearn_scipy(name, preds, refs, average) for name in names}
+        assert via_evaluate == direct  # identical, not approximately equal
+        assert all(0 < abs(v) < 1 for v in direct.values()) or n == 1
+        for name in names:
+            metric = gm.load_metric(name)
+            assert isinstance(metric, evaluate.Metric) and metric.config_name == name
+            kwargs = {"average": average} if name == "f1" else {}
+            assert metric.compute(predictions=preds, references=refs, **kwargs) == {name: direct[name]}
 
 
-def test_metrics_without_evaluate_use_sklearn(monkeypatch):
-    gd._evaluate_cache.clear()
-    monkeypatch.setitem(sys.modules, "evaluate", None)  # import evaluate -> ImportError
-    try:
-        assert gd.compute_metrics(("accuracy",), [1, 0], [1, 1]) == {"accuracy": 0.5}
-        assert gd.metric_sources(("accuracy",)) == {"accuracy": "sklearn"}
-    finally:
-        gd._evaluate_cache.clear()
+def test_unknown_metric_is_named_with_the_choices():
+    from geolora.app import metrics as gm
+
+    with pytest.raises(ValueError, match=r"unknown metric 'bleu'; choose one of: accuracy, f1, "):
+        gm.load_metric("bleu")
+    with pytest.raises(ValueError, match=r"unknown metric 'bleu'"):
+        gd.compute_metrics(("accuracy", "bleu"), [1, 0], [1, 1])
 
 
 def test_tasks_reject_data_paths_they_do_not_read(tmp_path):
@@ -245,3 +251,67 @@ def test_missing_metric_packages_are_named_with_their_pip_name(monkeypatch):
     assert gd.missing_metric_packages(("f1",)) == [("scikit-learn", ["f1"])]
     with pytest.raises(DataError, match=r"scikit-learn.*pip install scikit-learn"):
         gd.load_task("digits")
+
+
+# ------------------------------------------------------------------------------------------------ preprocessing
+def test_seeded_split_and_subset():
+    perm = np.random.default_rng(7).permutation(50)
+    train, test = gd.seeded_split(50, 10, 7)
+    assert test.tolist() == sorted(perm[:10]) and train.tolist() == sorted(perm[10:])
+    train, _ = gd.seeded_split(50, 10, 7, train_size=15)
+    assert train.tolist() == sorted(perm[10:25])
+    assert gd.seeded_subset(50, None, 7).tolist() == list(range(50)) == gd.seeded_subset(50, 50, 7).tolist()
+    assert gd.seeded_subset(50, 5, 7).tolist() == sorted(np.random.default_rng(8).permutation(50)[:5])
+
+
+def test_predictions_from_logits():
+    logits = np.array([[0.1, 0.9, 0.0], [2.0, -1.0, 0.5]], dtype=np.float32)
+    assert gd.predictions_from_logits(logits, False).tolist() == [1, 0]
+    assert gd.predictions_from_logits((logits, "hidden states"), False).tolist() == [1, 0]
+    values = gd.predictions_from_logits(np.array([[0.5], [2.5]], dtype=np.float32), True)
+    assert values.shape == (2,) and values.tolist() == [0.5, 2.5]
+
+
+class _RecordingTokenizer:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, pair=None, truncation=False, max_length=None):
+        self.calls.append((list(text), None if pair is None else list(pair), truncation, max_length))
+        return {"input_ids": [[len(t)] for t in text]}
+
+
+def test_tokenize_single_texts_and_pairs():
+    from datasets import Dataset
+
+    single = Dataset.from_dict({"text": ["ab", "cde"], "label": [0, 1], "extra": [1, 2]})
+    tok = _RecordingTokenizer()
+    encoded = gd.tokenize(single, tok, 16)
+    assert tok.calls == [(["ab", "cde"], None, True, 16)]
+    assert sorted(encoded.column_names) == ["input_ids", "labels"] and encoded["labels"] == [0, 1]
+    pairs = Dataset.from_dict({"text": ["a"], "text_pair": ["b"], "label": [1.5]})
+    tok = _RecordingTokenizer()
+    encoded = gd.tokenize(pairs, tok, 8)
+    assert tok.calls == [(["a"], ["b"], True, 8)] and encoded["labels"] == [1.5]
+
+
+def test_image_transform_and_collator():
+    import torch
+
+    images = [np.full((8, 8), 255, dtype=np.uint8), np.zeros((8, 8, 3), dtype=np.uint8)]
+    out = gd.ImageTransform(None, image_size=4, channels=3)({"image": images, "label": [3, 1]})
+    assert out["pixel_values"].shape == (2, 3, 4, 4) and out["labels"] == [3, 1]
+    torch.testing.assert_close(out["pixel_values"][0], torch.ones(3, 4, 4))  # (255 - 127.5) / 127.5
+    torch.testing.assert_close(out["pixel_values"][1], -torch.ones(3, 4, 4))
+    grey = gd.ImageTransform(None, image_size=4, channels=1, norm=(0.0, 255.0)).pixels(images)
+    assert grey.shape == (2, 1, 4, 4) and float(grey.max()) == 1.0
+
+    class Processor:  # a transformers image processor's interface
+        def __call__(self, ims, return_tensors):
+            assert return_tensors == "pt" and all(im.mode == "RGB" for im in ims)
+            return {"pixel_values": torch.zeros(len(ims), 3, 2, 2)}
+
+    assert gd.ImageTransform(Processor()).pixels(images).shape == (2, 3, 2, 2)
+    batch = gd.image_collator([{"pixel_values": np.zeros((3, 2, 2)), "labels": np.int64(4)},
+                               {"pixel_values": torch.ones(3, 2, 2), "labels": 1}])
+    assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["labels"].tolist() == [4, 1]

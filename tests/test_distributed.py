@@ -1,5 +1,7 @@
-"""DDP on CPU with 2 processes (torchrun, gloo): every process ends with the same ranks and factors."""
+"""DDP on CPU with 2 processes (torchrun, gloo): every process ends with the same ranks and factors.  And the
+cross-process helpers of geolora.distributed on a single process (no process group): no-ops."""
 
+import ast
 import os
 import socket
 import subprocess
@@ -8,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
+
+import geolora.distributed as D
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +41,33 @@ def test_ddp_processes_agree(mode, tmp_path, augment_every):
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
         assert torch.allclose(a["state"][k], b["state"][k], atol=1e-6), k
+
+
+def test_without_a_process_group_the_helpers_do_nothing():
+    flat = torch.tensor([0, 3, 2], dtype=torch.int64)
+    assert D.agree_across_processes(flat) is flat
+    params = [torch.randn(3, 2)]
+    before = params[0].clone()
+    D.broadcast_factors(params, [torch.tensor(2)])
+    assert torch.equal(params[0], before)
+    assert not D.is_sharded(params[0])
+
+
+def test_check_not_fsdp_refuses_fsdp1_and_accepts_plain_modules():
+    class FullyShardedDataParallel(nn.Module):  # stands for FSDP1's wrapper (matched by its name)
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(2, 2)
+
+    D.check_not_fsdp(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(RuntimeError, match="supports FSDP2 .* not FSDP1's FullyShardedDataParallel"):
+        D.check_not_fsdp(nn.Sequential(FullyShardedDataParallel()))
+
+
+def test_distributed_imports_nothing_from_geolora():
+    tree = ast.parse(Path(D.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert all(not name.startswith("geolora") for name in imported) and not [
+        n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0
+    ], imported

@@ -231,7 +231,9 @@ def test_import_twice_and_reload_keep_working(tmp_path, tiny_specs):
     member = PeftType.GEOLORA
     assert importlib.import_module("geolora") is geolora
     # registering again (what a second import of a re-executed module does) is a no-op, not an error
-    geolora._peft_compat.register_geolora(geolora.GeoLoRAConfig, geolora.GeoLoRAModel)
+    geolora._compat.register_geolora(
+        geolora.GeoLoRAConfig, geolora.GeoLoRAModel, check_weights=geolora.model.check_saved_adapter
+    )
     reloaded = importlib.reload(geolora)
     assert reloaded is geolora
     assert PeftType.GEOLORA is member and _geolora_members() == [member]

@@ -600,3 +600,24 @@ def test_export_of_merged_model_raises(tiny_specs, tmp_path):
     with pytest.raises(ValueError, match=re.escape("export_as_lora: layer 'conv' is merged into the base weights")):
         geolora.export_as_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+
+# ---------------------------------------------------------------------------------------------------- registration
+def test_registration_keeps_the_load_check_and_requires_it_by_name():
+    """The load hook runs the checker given to register_geolora (geolora.model.check_saved_adapter, passed by
+    geolora/__init__.py); registering again rebinds it, and it cannot be left out by omission."""
+    import peft.peft_model as pm
+
+    hook = pm.load_peft_weights
+    assert hook._geolora_hook and hook.check_weights is geolora.model.check_saved_adapter
+    geolora._compat.register_geolora(
+        geolora.GeoLoRAConfig, geolora.GeoLoRAModel, check_weights=geolora.model.check_saved_adapter
+    )
+    assert pm.load_peft_weights is hook  # installed once
+    assert hook.check_weights is geolora.model.check_saved_adapter
+    with pytest.raises(TypeError, match="check_weights"):
+        geolora._compat.register_geolora(geolora.GeoLoRAConfig, geolora.GeoLoRAModel)
+
+
+def test_run_callback_early_outside_a_trainer_changes_nothing():
+    assert geolora._compat.run_callback_early(geolora.GeoLoRACallback()) is False

@@ -23,6 +23,7 @@ def test_step_time_benchmark_runs_on_a_tiny_model(tmp_path):
     assert "geolora::qr" in result["geolora_step_breakdown"]
     assert result["memory"]["geolora_capacity_r_max_over_lora_r_max"] > 0
     prov = result["provenance"]
-    assert prov["git_revision"] and prov["versions"]["torch"] and prov["seed"] == 0
+    assert prov["git"]["revision"] and prov["versions"]["torch"] and prov["seed"] == 0
+    assert prov["hardware"]["device"] == "cpu" and prov["command"]
     storage = result["adapter_storage"]
     assert storage["geolora_capacity_r_max_params"] < storage["research_code_min_in_out_params"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 
-# import name -> pip name of every package the application needs beyond the library's own dependencies
+# import name -> pip name of every package the application needs beyond the library's own dependencies (all in the
+# `cli` extra; matplotlib too, but without it `geolora train` only skips the rank plot, with a warning up front)
 REQUIREMENTS = {
     "datasets": "datasets",
     "evaluate": "evaluate",
@@ -19,7 +20,6 @@ REQUIREMENTS = {
     "sklearn": "scikit-learn",
     "scipy": "scipy",
     "pandas": "pandas",
-    "matplotlib": "matplotlib",
 }
 
 

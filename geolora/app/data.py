@@ -1,4 +1,5 @@
-"""Data for the ``geolora`` command line: offline text and image sets, local files, GLUE/CIFAR from the Hub, metrics.
+"""Data for the ``geolora`` command line: offline text and image sets, local files, GLUE/CIFAR from the Hub, the
+preprocessing (tokenisation, image transforms, collators, seeded splits) and the metrics entry point.
 
 Every loader returns a :class:`TaskData`: a train and an evaluation ``datasets.Dataset`` with normalised columns
 (``text`` [+ ``text_pair``] or ``image``, and an integer or float ``label``), plus the label names and the metric.
@@ -12,8 +13,12 @@ Every loader returns a :class:`TaskData`: a train and an evaluation ``datasets.D
 * Hub: the GLUE tasks (``datasets.load_dataset("glue", task)``, or local files in the same column format) and
   ``cifar10``/``cifar100``.
 
+Preprocessing: :func:`tokenize` (texts and pairs), :class:`ImageTransform` and :func:`image_collator` (images),
+:func:`seeded_split` / :func:`seeded_subset` (the seeded splits and subsets), :func:`predictions_from_logits`.
+Metrics: :func:`compute_metrics`, through the one ``evaluate`` metric of :mod:`geolora.app.metrics`.
+
 User errors (missing asset, unreadable path, missing column, ...) raise :class:`DataError` with a message that says
-what to do; the library never prints.
+what to do; nothing here prints.
 """
 
 from __future__ import annotations
@@ -126,12 +131,28 @@ def _clean_tab_text(text: str) -> str:
     return text
 
 
-def _seeded_split(n: int, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def seeded_split(
+    n: int, test_size: int, seed: int, train_size: Optional[int] = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded split of ``range(n)``: ``(train indices, test indices)``, each sorted.
+
+    The first ``test_size`` entries of ``numpy.random.default_rng(seed).permutation(n)`` are the test set; the rest,
+    or its first ``train_size`` entries, the training set.
+
+    Args:
+        n (`int`): Number of examples.
+        test_size (`int`): Held-out examples.
+        seed (`int`): Seed of the permutation.
+        train_size (`int`, *optional*): Keep only this many training examples (``None``/0: all the rest).
+    """
     perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[test_size:]), np.sort(perm[:test_size])
+    rest = perm[test_size:]
+    return np.sort(rest[:train_size] if train_size else rest), np.sort(perm[:test_size])
 
 
-def _subsample(n: int, limit: Optional[int], seed: int) -> np.ndarray:
+def seeded_subset(n: int, limit: Optional[int], seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of ``limit`` of ``range(n)`` (all of them when ``limit`` is ``None`` or
+    not smaller than ``n``); the permutation is seeded with ``seed + 1`` (independent of :func:`seeded_split`)."""
     if limit is None or limit >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed + 1).permutation(n)[:limit])
@@ -179,7 +200,7 @@ def load_election_tweets(test_size: int = 1000, seed: int = 0) -> TaskData:
     df = read_orange_tab(path)
     text = [_clean_tab_text(t) for t in df["Content"]]
     labels = list(df["Author"])
-    tr, te = _seeded_split(len(df), test_size, seed)
+    tr, te = seeded_split(len(df), test_size, seed)
     return _text_task(
         "election-tweets",
         [text[i] for i in tr],
@@ -221,7 +242,7 @@ def load_bbc_news(test_size: int = 445, seed: int = 0) -> TaskData:
         for f in sorted(class_dir.glob("*.txt")):
             texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
             labels.append(class_dir.name)
-    tr, te = _seeded_split(len(texts), test_size, seed)
+    tr, te = seeded_split(len(texts), test_size, seed)
     return _text_task(
         "bbc-news",
         [texts[i] for i in tr],
@@ -385,7 +406,15 @@ def load_glue(task: str, train_file=None, eval_file=None, data_dir=None) -> Task
 
 
 # ----------------------------------------------------------------------------------------------- images
-def _image_task(name, x_train, y_train, x_eval, y_eval, names, source) -> TaskData:
+def image_task(name, x_train, y_train, x_eval, y_eval, names, source) -> TaskData:
+    """A :class:`TaskData` of images (HWC or HW uint8 arrays / PIL images) with integer class ids ``y_*``.
+
+    Args:
+        name (`str`): The task's name.
+        x_train, y_train, x_eval, y_eval: Images and class ids of the two splits.
+        names (`list[str]`): Class names in id order.
+        source (`str`): Where the data came from (provenance).
+    """
     from datasets import Dataset
 
     return TaskData(
@@ -415,9 +444,9 @@ def load_digits_images(test_size: int = 360, seed: int = 0) -> TaskData:
 
     d = load_digits()
     images = _gray_to_uint8(d.images, 16.0)  # (n, 8, 8) in 0..16 -> 0..255
-    tr, te = _seeded_split(len(images), test_size, seed)
+    tr, te = seeded_split(len(images), test_size, seed)
     names = [str(i) for i in range(10)]
-    return _image_task(
+    return image_task(
         "digits",
         images[tr],
         d.target[tr],
@@ -438,8 +467,8 @@ def load_mnist_images(test_size: int = 1000, seed: int = 0) -> TaskData:
         ) from None
     x, y = mnist_data()
     images = np.asarray(x, dtype=np.uint8).reshape(-1, 28, 28)
-    tr, te = _seeded_split(len(images), test_size, seed)
-    return _image_task(
+    tr, te = seeded_split(len(images), test_size, seed)
+    return image_task(
         "mnist",
         images[tr],
         y[tr],
@@ -479,7 +508,7 @@ def load_image_folder(data_dir: str | Path) -> TaskData:
         splits.append((images, labels))
     (x_tr, l_tr), (x_ev, l_ev) = splits
     y_tr, y_ev, names = _labels_to_ids(l_tr, l_ev, "imagefolder")
-    return _image_task("imagefolder", x_tr, y_tr, x_ev, y_ev, names, f"image folder {root}")
+    return image_task("imagefolder", x_tr, y_tr, x_ev, y_ev, names, f"image folder {root}")
 
 
 def load_cifar(name: str) -> TaskData:
@@ -579,10 +608,10 @@ def load_task(
         data = loaders[task]()
     else:
         raise DataError(f"unknown task '{task}'; choose one of: {', '.join(ALL_TASKS)}")
-    idx = _subsample(len(data.train), max_train_samples, seed)
+    idx = seeded_subset(len(data.train), max_train_samples, seed)
     if len(idx) < len(data.train):
         data.train = data.train.select(idx)
-    idx = _subsample(len(data.eval), max_eval_samples, seed)
+    idx = seeded_subset(len(data.eval), max_eval_samples, seed)
     if len(idx) < len(data.eval):
         data.eval = data.eval.select(idx)
     logger.info(
@@ -606,29 +635,89 @@ def task_modality(task: str) -> str:
     return "image" if task in IMAGE_TASKS else "text"
 
 
+# ----------------------------------------------------------------------------------------------- preprocessing
+def tokenize(dataset, tokenizer, max_length: int):
+    """``dataset`` (``text`` [+ ``text_pair``] and ``label`` columns) encoded by ``tokenizer`` for a Trainer.
+
+    Pairs are encoded together when the dataset has a ``text_pair`` column; inputs are truncated to ``max_length``
+    tokens (padding is the collator's job).  Every other column is dropped and ``label`` is renamed ``labels`` (the
+    models' argument).
+
+    Args:
+        dataset (`datasets.Dataset`): One split of a :class:`TaskData`.
+        tokenizer: A transformers tokenizer.
+        max_length (`int`): Truncate every input to this many tokens.
+    """
+    has_pair = "text_pair" in dataset.column_names
+
+    def encode(batch):
+        pair = batch["text_pair"] if has_pair else None
+        return tokenizer(batch["text"], pair, truncation=True, max_length=max_length)
+
+    remove = [c for c in dataset.column_names if c != "label"]
+    encoded = dataset.map(encode, batched=True, remove_columns=remove, desc="tokenize")
+    return encoded.rename_column("label", "labels")
+
+
+class ImageTransform:
+    """Batch transform of uint8 arrays / PIL images to ``pixel_values`` (for ``Dataset.set_transform``).
+
+    With ``processor`` (a transformers image processor) the images are converted to RGB and handed to it; without
+    one they are resized to ``image_size`` x ``image_size`` (bilinear) in RGB (``channels=3``) or grey (``1``) and
+    normalised on the 0-255 scale as ``(x - mean) / std`` with ``norm = (mean, std)`` (default (127.5, 127.5), i.e.
+    [-1, 1]; EfficientNet-Lite expects (127, 128)).
+
+    ``transform(batch)`` maps ``{"image": [...], "label": [...]}`` to ``{"pixel_values": (n, c, h, w),
+    "labels": [...]}``; :meth:`pixels` converts images only.
+    """
+
+    def __init__(self, processor=None, image_size: int = 224, channels: int = 3, norm: tuple = (127.5, 127.5)):
+        self.processor, self.image_size, self.channels = processor, image_size, channels
+        self.mean, self.std = float(norm[0]), float(norm[1])
+
+    def pixels(self, images):
+        """``pixel_values`` of ``images``: a float tensor (n, c, h, w)."""
+        import torch
+        from PIL import Image
+
+        pil = [im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
+        if self.processor is not None:
+            return self.processor([im.convert("RGB") for im in pil], return_tensors="pt")["pixel_values"]
+        mode = "RGB" if self.channels == 3 else "L"
+        size = (self.image_size, self.image_size)
+        arr = np.stack([np.asarray(im.convert(mode).resize(size, Image.BILINEAR)) for im in pil]).astype(np.float32)
+        x = torch.from_numpy(arr)
+        x = x.permute(0, 3, 1, 2) if x.ndim == 4 else x.unsqueeze(1)  # (n, c, h, w)
+        return (x - self.mean) / self.std
+
+    def __call__(self, batch):
+        return {"pixel_values": self.pixels(batch["image"]), "labels": batch["label"]}
+
+
+def image_collator(features):
+    """Stack ``pixel_values`` (tensors or arrays) and ``labels`` of a list of examples into one batch."""
+    import torch
+
+    return {
+        "pixel_values": torch.stack([torch.as_tensor(f["pixel_values"]) for f in features]),
+        "labels": torch.tensor([int(f["labels"]) for f in features]),
+    }
+
+
+def predictions_from_logits(logits, is_regression: bool) -> np.ndarray:
+    """Predictions from a model's outputs: the regression value (``logits[..., 0]``) or the arg-max class.
+
+    Args:
+        logits: ``(n, num_labels)`` array, or a tuple whose first entry is (as a Trainer's ``predictions`` may be).
+        is_regression (`bool`): One output per example, a value (True), or one score per class (False).
+    """
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    logits = np.asarray(logits)
+    return logits.squeeze(-1) if is_regression else logits.argmax(-1)
+
+
 # ----------------------------------------------------------------------------------------------- metrics
-# the module each metric is computed with (by evaluate's script, geolora.app.metrics or directly), and its pip name
-METRIC_PACKAGES: dict[str, tuple[str, str]] = {
-    "accuracy": ("sklearn.metrics", "scikit-learn"),
-    "f1": ("sklearn.metrics", "scikit-learn"),
-    "matthews_correlation": ("sklearn.metrics", "scikit-learn"),
-    "pearson": ("scipy.stats", "scipy"),
-    "spearmanr": ("scipy.stats", "scipy"),
-}
-
-
-def _importable(module: str) -> bool:
-    import importlib
-
-    parts = module.split(".")
-    try:
-        for i in range(1, len(parts) + 1):  # the package too: a cached submodule alone does not make it importable
-            importlib.import_module(".".join(parts[:i]))
-    except ImportError:
-        return False
-    return True
-
-
 def missing_metric_packages(metric_names: Sequence[str]) -> list[tuple[str, list[str]]]:
     """The packages that computing ``metric_names`` needs and that cannot be imported, as ``(pip name, [metrics])``
     in first-use order (empty when all are there), so a caller can stop before training instead of after it.
@@ -636,101 +725,39 @@ def missing_metric_packages(metric_names: Sequence[str]) -> list[tuple[str, list
     Args:
         metric_names (`Sequence[str]`): Metric names as in :attr:`TaskData.metric_names`.
     """
-    missing: dict[str, list[str]] = {}
-    for name in metric_names:
-        module, pip_name = METRIC_PACKAGES[name]
-        if pip_name in missing or not _importable(module):
-            missing.setdefault(pip_name, []).append(name)
-    return list(missing.items())
+    from .metrics import missing_metric_packages as missing
 
-
-_EVALUATE_NAMES = {"pearson": "pearsonr", "spearmanr": "spearmanr"}
-_REGRESSION = ("pearson", "spearmanr")
-
-
-def _offline_metric(name: str, predictions: np.ndarray, references: np.ndarray, average: str) -> dict[str, float]:
-    """scikit-learn / scipy versions of evaluate's metrics: same functions, and the same int32 / float32 casts that
-    evaluate's input features apply, so the same numbers (tests/test_data.py checks equality)."""
-    if name in _REGRESSION:  # float32 features, handed to scipy as Python (double) floats
-        predictions = np.asarray(predictions).astype(np.float32).astype(np.float64)
-        references = np.asarray(references).astype(np.float32).astype(np.float64)
-    else:
-        predictions, references = np.asarray(predictions).astype(np.int32), np.asarray(references).astype(np.int32)
-    if name == "accuracy":
-        from sklearn.metrics import accuracy_score
-
-        return {"accuracy": float(accuracy_score(references, predictions))}
-    if name == "f1":
-        from sklearn.metrics import f1_score
-
-        return {"f1": float(f1_score(references, predictions, average=average))}
-    if name == "matthews_correlation":
-        from sklearn.metrics import matthews_corrcoef
-
-        return {"matthews_correlation": float(matthews_corrcoef(references, predictions))}
-    if name == "pearson":
-        from scipy.stats import pearsonr
-
-        return {"pearson": float(pearsonr(references, predictions)[0])}
-    if name == "spearmanr":
-        from scipy.stats import spearmanr
-
-        return {"spearmanr": float(spearmanr(references, predictions)[0])}
-    raise ValueError(f"unknown metric '{name}'")
-
-
-_evaluate_cache: dict[str, tuple[object, str]] = {}
-
-
-def _evaluate_metric(name: str) -> tuple[object, str]:
-    """``(module, source)`` for a metric, loaded once per process: ``evaluate.load`` of the Hub script
-    (``source="hub"``); offline, evaluate with geolora's own module of the same name loaded by path
-    (``"geolora.app.metrics"``); without a working evaluate, ``(None, "sklearn")``."""
-    if name not in _evaluate_cache:
-        key = _EVALUATE_NAMES.get(name, name)
-        try:
-            import evaluate
-        except ImportError:
-            _evaluate_cache[name] = (None, "sklearn")
-            return _evaluate_cache[name]
-        try:
-            _evaluate_cache[name] = (evaluate.load(key), "hub")
-        except Exception as e:  # evaluate fetches metric scripts from the Hub; offline -> our module by path
-            from geolora.app.metrics import module_path
-
-            logger.info("evaluate.load(%r) unavailable (%s); loading geolora's offline module", key, e)
-            try:
-                _evaluate_cache[name] = (evaluate.load(module_path(key)), "geolora.app.metrics")
-            except Exception as e2:
-                logger.warning("evaluate.load(%s) failed (%s); computing %s with scikit-learn/scipy",
-                               module_path(key), e2, name)
-                _evaluate_cache[name] = (None, "sklearn")
-    return _evaluate_cache[name]
+    return missing(metric_names)
 
 
 def metric_sources(metric_names: Sequence[str]) -> dict[str, str]:
-    """Where each metric is computed: ``hub`` (evaluate's script), ``geolora.app.metrics`` or ``sklearn``."""
-    return {name: _evaluate_metric(name)[1] for name in metric_names}
+    """Where each metric is computed: ``"geolora.app.metrics"`` for every one (the one path, for provenance)."""
+    from .metrics import metric_sources as sources
+
+    return sources(metric_names)
 
 
 def compute_metrics(metric_names: Sequence[str], predictions, references, num_labels: int = 2) -> dict[str, float]:
-    """The task's metrics through ``evaluate`` (the Hub script, or offline geolora's module of the same name), or
-    scikit-learn/scipy when evaluate is unusable; every path gives identical numbers.
+    """The task's metrics, each through :class:`geolora.app.metrics.TaskMetric` (``evaluate`` with scikit-learn /
+    scipy behind it).
 
     ``f1`` is binary for two classes and macro-averaged otherwise.
+
+    Args:
+        metric_names (`Sequence[str]`): Names as in :attr:`TaskData.metric_names`.
+        predictions, references: One value per example (class ids, or floats for regression).
+        num_labels (`int`): The task's number of classes (1 for regression).
     """
+    from .metrics import load_metric
+
     predictions, references = np.asarray(predictions), np.asarray(references)
-    average = "binary" if num_labels == 2 else "macro"
+    kwargs = {"average": "binary" if num_labels == 2 else "macro"}
     out: dict[str, float] = {}
     for name in metric_names:
-        metric, _ = _evaluate_metric(name)
-        if metric is not None:
-            kwargs = {"average": average} if name == "f1" else {}
-            result = metric.compute(predictions=predictions, references=references, **kwargs)
-            key = _EVALUATE_NAMES.get(name, name)
-            out[name] = float(result[key] if key in result else result[name])
-        else:
-            out.update(_offline_metric(name, predictions, references, average))
+        result = load_metric(name).compute(
+            predictions=predictions, references=references, **(kwargs if name == "f1" else {})
+        )
+        out[name] = result[name]
     return out
 
 
@@ -742,7 +769,16 @@ __all__ = [
     "infer_task",
     "compute_metrics",
     "load_task",
+    "task_modality",
     "missing_metric_packages",
+    "metric_sources",
+    "predictions_from_logits",
+    "tokenize",
+    "ImageTransform",
+    "image_collator",
+    "image_task",
+    "seeded_split",
+    "seeded_subset",
     "load_election_tweets",
     "load_reuters_r8",
     "load_20newsgroups",

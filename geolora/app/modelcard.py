@@ -1,30 +1,25 @@
 """Reports of a trained GeoLoRA adapter: rank tables, parameter counts, the rank plot and the model card.
 
 Everything here reads plain data (rank dicts, layer shapes, JSON), so ``geolora inspect`` works from the adapter
-folder alone, without the base model.
+folder alone, without the base model.  The sizes come from the one formula of :mod:`geolora.app.models`
+(:func:`~geolora.app.models.parameter_counts`, re-exported here with :class:`~geolora.app.models.LayerShape`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
+from geolora.io import atomic_write
+
+from .models import LayerShape, parameter_counts
+
 _LAYER_RE = re.compile(r"^(.*?)\.(\d+)\.(.+)$")
-
-
-@dataclass
-class LayerShape:
-    """One adapted layer: ``out`` x ``in`` base weight (Conv2d: in = in_channels * kh * kw) and its live rank."""
-
-    name: str
-    out_features: int
-    in_features: int
-    rank: int
 
 
 def adapter_shapes(adapter_dir: str | Path) -> list[LayerShape]:
@@ -49,7 +44,7 @@ def adapter_shapes(adapter_dir: str | Path) -> list[LayerShape]:
                 entry["in"] = shape[0]
             elif kind == "lora_A":  # (r, in[, kh, kw])
                 entry["rank"] = shape[0]
-                entry["in"] = int(_prod(shape[1:]))
+                entry["in"] = math.prod(shape[1:])
             else:  # lora_B: (out, r[, 1, 1])
                 entry["out"] = shape[0]
     return [
@@ -57,13 +52,6 @@ def adapter_shapes(adapter_dir: str | Path) -> list[LayerShape]:
         for name, e in sorted(layers.items(), key=lambda kv: _natural_key(kv[0]))
         if {"out", "in", "rank"} <= set(e)
     ]
-
-
-def _prod(xs) -> int:
-    out = 1
-    for x in xs:
-        out *= int(x)
-    return out
 
 
 def _natural_key(name: str):
@@ -78,22 +66,8 @@ def modules_to_save_params(adapter_dir: str | Path) -> int:
     with safe_open(str(Path(adapter_dir) / "adapter_model.safetensors"), framework="pt") as f:
         for key in f.keys():
             if not re.search(r"\.(geolora_|lora_)", key):
-                total += _prod(f.get_slice(key).get_shape())
+                total += math.prod(f.get_slice(key).get_shape())
     return total
-
-
-def parameter_counts(layers: list[LayerShape], initial_rank: int) -> dict[str, int]:
-    """Adapter sizes: GeoLoRA at the live ranks (U, S, V: ``r (out + in + r)``), the same ranks exported as LoRA
-    (``r (out + in)``) and a LoRA of the initial rank on the same layers (``r0 (out + in)``)."""
-    return {
-        "geolora_params": sum(s.rank * (s.out_features + s.in_features + s.rank) for s in layers),
-        "exported_lora_params": sum(s.rank * (s.out_features + s.in_features) for s in layers),
-        "lora_initial_rank_params": sum(
-            min(initial_rank, s.out_features, s.in_features) * (s.out_features + s.in_features) for s in layers
-        ),
-        "total_rank": sum(s.rank for s in layers),
-        "num_layers": len(layers),
-    }
 
 
 def rank_table(ranks: dict[str, int]) -> str:
@@ -161,7 +135,8 @@ def plot_ranks(
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = Path(path)
-        fig.savefig(path, dpi=120)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
     return path

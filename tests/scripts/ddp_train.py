@@ -62,7 +62,7 @@ if mode in ("driver", "nan"):
                 micro += 1
                 if mode == "nan" and micro == 4 and acc.process_index == 1:
                     # micro-batch 4 is a sync step: DDP has already all-reduced the gradients, so only THIS process
-                    # sees the NaN; the processes must still agree to skip (optim._agree_across_processes)
+                    # sees the NaN; the processes must still agree to skip (distributed.agree_across_processes)
                     assert acc.sync_gradients
                     for n, p in model.named_parameters():
                         if "geolora_U" in n and p.grad is not None:
