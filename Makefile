@@ -28,7 +28,7 @@ main: install assets
 	HF_HUB_OFFLINE=1 geolora train
 
 # efficientnet-lite-pytorch (22 kB of model code, no weights): the benchmark tests build the EfficientNet-Lite0 network.
-# PEFT's own generic tests (tests/test_peft_generic.py) come from the installed peft version's sdist, fetched from the
+# PEFT's own generic tests (tests/contract/test_peft_generic.py) come from the installed peft version's sdist, fetched from the
 # package registry into .cache/peft-tests/ (docs/peft-conformance.md); under `make test` they must be there.
 test: install
 	$(PIP) install -q --no-deps "efficientnet-lite-pytorch==0.1.0"

@@ -193,7 +193,7 @@ class EfficientNetClassifier(torch.nn.Module):
 def plain_pointwise_convs(net: torch.nn.Module) -> int:
     """Replace every 1x1, stride-1, ungrouped conv (EfficientNet's ``Conv2dStaticSamePadding``, whose padding is an
     identity at 1x1) by a plain ``nn.Conv2d`` with the same weights, so adapters wrap a standard layer. Returns the
-    number replaced; outputs are unchanged (checked in tests/test_benchmarks.py)."""
+    number replaced; outputs are unchanged (checked in tests/app/test_benchmarks.py)."""
     n = 0
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):

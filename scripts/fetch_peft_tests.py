@@ -3,7 +3,7 @@
     python scripts/fetch_peft_tests.py            # into .cache/peft-tests/<version>/peft_tests/
     python scripts/fetch_peft_tests.py --dest DIR
 
-``tests/test_peft_generic.py`` runs PEFT's generic tests (``PeftCommonTester`` over the custom models, the config
+``tests/contract/test_peft_generic.py`` runs PEFT's generic tests (``PeftCommonTester`` over the custom models, the config
 tests) against GeoLoRA from that folder. The sdist comes from the package registry pip is configured for
 (``pip download --no-binary :all: --no-deps peft==<installed>``); nothing is committed. The folder is renamed
 ``peft_tests`` (PEFT names it ``tests``, which is also ours) and written atomically: a killed fetch leaves no

@@ -3,7 +3,7 @@
     python scripts/peft_conformance.py                   # -> benchmarks/results/peft-conformance/summary.{json,md}
 
 Fetches PEFT's tests for the installed peft version if needed (``scripts/fetch_peft_tests.py``), runs
-``tests/test_peft_generic.py`` in this process and counts, per PEFT test class, the tests that passed, that PEFT's own
+``tests/contract/test_peft_generic.py`` in this process and counts, per PEFT test class, the tests that passed, that PEFT's own
 bodies skipped for GeoLoRA, that ``docs/peft-conformance.md`` lists as skipped or expected to fail, and any failure.
 Versions and the machine are written next to the counts. Exit status 1 if anything failed.
 """

@@ -4,7 +4,7 @@ merge rules (README "A quantized base", geolora/bnb.py).
     python scripts/quantized_merge_errors.py      # -> benchmarks/results/quantized-merge/errors.json
 
 A tiny Llama from a config (hidden 64, 2 layers, all seven projections adapted), loaded through transformers'
-``BitsAndBytesConfig`` on CPU, GeoLoRA r = 4 / r_max = 8 trained 6 steps (as tests/test_quantized.py). Relative
+``BitsAndBytesConfig`` on CPU, GeoLoRA r = 4 / r_max = 8 trained 6 steps (as tests/contract/test_quantized.py). Relative
 errors of the logits, ||a - b|| / ||b||, on one fixed batch:
 
 * 8-bit: the merge as it was before GeoLoRA had bitsandbytes layer types (the plain ``Linear`` wrapped the bnb layer

@@ -1,4 +1,4 @@
-"""Fault-injection helper for tests/test_reliability.py: a process that may be killed with SIGKILL at any moment.
+"""Fault-injection helper for tests/training/test_reliability.py: a process that may be killed with SIGKILL at any moment.
 
     python kill_resume.py train OUT TOTAL_STEPS CKPT_EVERY
         A GeoLoRA driver loop (create_geolora_optimizer, s_update="adam", a trained head) that checkpoints every

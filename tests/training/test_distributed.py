@@ -14,8 +14,8 @@ from torch import nn
 
 import geolora.distributed as D
 
-SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_train.py"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _free_port() -> int:

@@ -22,7 +22,7 @@ import yaml
 
 from geolora.app import cli, models
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ["good", "great", "fine", "nice", "bad", "awful", "poor", "sad", "the", "movie", "was", "very", "plot", "a"]
 FAST = [
     "--max_steps",

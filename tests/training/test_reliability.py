@@ -44,7 +44,7 @@ import geolora
 from geolora.integrator import orthonormality_error
 from tests.reference import reference_step
 
-SCRIPTS = Path(__file__).parent / "scripts"
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 # ---------------------------------------------------------------------------------------------------- helpers

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_train.py"
+ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
 
 

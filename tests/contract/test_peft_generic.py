@@ -30,7 +30,7 @@ from peft import LoraConfig
 
 from geolora import GeoLoRAConfig
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PEFT_VERSION = importlib.metadata.version("peft")
 CACHE = Path(os.environ.get("GEOLORA_PEFT_TESTS", REPO_ROOT / ".cache" / "peft-tests" / PEFT_VERSION))
 DIFFERENCES_DOC = REPO_ROOT / "docs" / "peft-conformance.md"

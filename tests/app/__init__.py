@@ -1,0 +1,1 @@
+"""The application: the geolora command, task loaders, metrics, models, the training harness, benchmarks."""
