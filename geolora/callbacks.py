@@ -121,7 +121,8 @@ class GeoLoRACallback(TrainerCallback):
             self.optimizer.num_training_steps = int(state.max_steps)  # what tau_warmup_ratio is a fraction of
         logger.info(
             "GeoLoRA: %d layers, s_update=%s, ranks %s",
-            len(find_geolora_layers(inner_model)), self.optimizer.settings["s_update"],
+            len(find_geolora_layers(inner_model)),
+            self.optimizer.settings["s_update"],
             sorted(set(get_ranks(inner_model).values())),
         )
 

@@ -216,8 +216,9 @@ class GeoLoRAConfig(PeftConfig):
     )
     tau_warmup_steps: Optional[int] = field(
         default=None,
-        metadata={"help": "The tau ramp in optimizer steps instead of a fraction (0 = no ramp); overrides "
-                  "tau_warmup_ratio."},
+        metadata={
+            "help": "The tau ramp in optimizer steps instead of a fraction (0 = no ramp); overrides tau_warmup_ratio."
+        },
     )
     reorthonormalize_every: int = field(
         default=100,

@@ -82,8 +82,10 @@ def check_not_fsdp(model: nn.Module) -> None:
         RuntimeError: a module of ``model`` is FSDP1's ``FullyShardedDataParallel`` (or another ``FSDP*`` wrapper
             that is not FSDP2).
     """
-    fsdp1 = any(type(m).__name__ == "FullyShardedDataParallel"
-                or (type(m).__name__.startswith("FSDP") and not _is_fsdp2(m)) for m in model.modules())
+    fsdp1 = any(
+        type(m).__name__ == "FullyShardedDataParallel" or (type(m).__name__.startswith("FSDP") and not _is_fsdp2(m))
+        for m in model.modules()
+    )
     if fsdp1:
         raise RuntimeError(
             "GeoLoRA supports FSDP2 (torch.distributed.fsdp.fully_shard; TrainingArguments(fsdp=..., "

@@ -467,7 +467,12 @@ class Truncated(NamedTuple):
 
 
 def truncate(
-    Ub: torch.Tensor, Vb: torch.Tensor, P: torch.Tensor, sigma: torch.Tensor, Qh: torch.Tensor, ranks: torch.Tensor,
+    Ub: torch.Tensor,
+    Vb: torch.Tensor,
+    P: torch.Tensor,
+    sigma: torch.Tensor,
+    Qh: torch.Tensor,
+    ranks: torch.Tensor,
     cap: int,
 ) -> Truncated:
     """``U <- Ub P[:, :r1]``, ``S <- diag(σ[:r1])``, ``V <- Vb Q[:, :r1]``, zero-padded to capacity ``cap``.

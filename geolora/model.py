@@ -90,7 +90,8 @@ class GeoLoRAModel(BaseTuner):
             target.update_layer(adapter_name, r, config=config)
             return
         new_module = dispatch_bnb(target, adapter_name, config, r) or dispatch_layer(
-            target, adapter_name, config, r, current_key)
+            target, adapter_name, config, r, current_key
+        )
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)

@@ -184,9 +184,16 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
 
     runs_geolora_step = True
 
-    def __init__(self, base_optimizer: torch.optim.Optimizer, model: nn.Module, *, s_update: Optional[str] = None,
-                 adapter_name: Optional[str] = None, num_training_steps: Optional[int] = None,
-                 **overrides: Any) -> None:
+    def __init__(
+        self,
+        base_optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        *,
+        s_update: Optional[str] = None,
+        adapter_name: Optional[str] = None,
+        num_training_steps: Optional[int] = None,
+        **overrides: Any,
+    ) -> None:
         if isinstance(base_optimizer, GeoLoRAOptimizer):
             raise ValueError("base_optimizer is already a GeoLoRAOptimizer")
         self.base_optimizer = base_optimizer
@@ -223,11 +230,18 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             raise TypeError(f"Unknown GeoLoRAOptimizer arguments: {sorted(unknown)}")
         settings.update({k: v for k, v in overrides.items() if v is not None})
         probe = GeoLoRAConfig(
-            r=1, tau=settings["tau"], s_update=settings["s_update"], rank_budget=settings["rank_budget"],
-            budget_type=settings["budget_type"], adam_betas=settings["adam_betas"], adam_eps=settings["adam_eps"],
+            r=1,
+            tau=settings["tau"],
+            s_update=settings["s_update"],
+            rank_budget=settings["rank_budget"],
+            budget_type=settings["budget_type"],
+            adam_betas=settings["adam_betas"],
+            adam_eps=settings["adam_eps"],
             reorthonormalize_every=settings["reorthonormalize_every"],
-            sync_factors_every=settings["sync_factors_every"], augment_every=settings["augment_every"],
-            explore_rank=settings["explore_rank"], tau_warmup_ratio=settings["tau_warmup_ratio"],
+            sync_factors_every=settings["sync_factors_every"],
+            augment_every=settings["augment_every"],
+            explore_rank=settings["explore_rank"],
+            tau_warmup_ratio=settings["tau_warmup_ratio"],
             tau_warmup_steps=settings["tau_warmup_steps"],
         )  # validates the overrides with the config's messages
         del probe
@@ -612,7 +626,10 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             extra = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
             logger.warning(
                 "GeoLoRA: inf/NaN gradient at step %d; the whole optimizer step was skipped and the factors are "
-                "unchanged (%d skipped so far)%s.", self.num_steps, self.skipped_steps, extra,
+                "unchanged (%d skipped so far)%s.",
+                self.num_steps,
+                self.skipped_steps,
+                extra,
             )
             self._last_warn = now
             self._suppressed = 0
@@ -638,8 +655,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             vals = vals.to(device)
         return vals[:, 0, None, None], vals[:, 1, None, None]
 
-    def _augment_group(self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False,
-                       probe: Optional[_Probes] = None) -> _GroupWork:
+    def _augment_group(
+        self, g: _LayerGroup, gU, gS, gV, augment_only: bool = False, probe: Optional[_Probes] = None
+    ) -> _GroupWork:
         """QR of the augmented bases, the augmented coefficients and their SVD for one group.
 
         Works at width ``ρ`` = the largest live rank in the group (host mirror, no sync) instead of the capacity:
@@ -811,14 +829,16 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         if st["rank_budget"] is not None and work:
             ranks = self._budget_ranks(work, device)
         sizes = [len(g.layers) for g in self._groups]
-        flat = agree_across_processes(torch.cat([torch.zeros(1, dtype=torch.int64, device=device)]
-                                                + [r.to(torch.int64) for r in ranks]))
+        flat = agree_across_processes(
+            torch.cat([torch.zeros(1, dtype=torch.int64, device=device)] + [r.to(torch.int64) for r in ranks])
+        )
         host = flat.tolist()
         self._write_all(work, torch.split(flat[1:], sizes), host[1:], reortho=False, truncating=True)
         self._interval_offset = (self._interval_offset - self._interval_position()) % st["augment_every"]
 
-    def _write_all(self, work: list[_GroupWork], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool,
-                   truncating: bool) -> None:
+    def _write_all(
+        self, work: list[_GroupWork], ranks: list[torch.Tensor], host_ranks: list[int], reortho: bool, truncating: bool
+    ) -> None:
         """Write every group's new factors and ranks (device ``ranks``, and their host copy for the layers' mirror)."""
         offset = 0
         for g, w, r_new in zip(self._groups, work, ranks):
@@ -836,8 +856,11 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         full = lambda v: torch.full((), v, dtype=torch.int64, device=device)  # noqa: E731  (no H2D copy)
         costs = [full(1 if st["budget_type"] == "rank" else g.cost) for g in self._groups]
         return I.budget_truncation_ranks(
-            [w.decomposition.sigma for w in work], costs, float(st["rank_budget"]),
-            [full(g.r_min) for g in self._groups], [full(min(g.r_max, g.cap)) for g in self._groups],
+            [w.decomposition.sigma for w in work],
+            costs,
+            float(st["rank_budget"]),
+            [full(g.r_min) for g in self._groups],
+            [full(min(g.r_max, g.cap)) for g in self._groups],
             cost_growth=0.0 if st["budget_type"] == "rank" else 2.0,
         )
 
@@ -891,8 +914,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         m = s0.get("geolora_exp_avg")
         if m is not None and m.dim() == 3 and tuple(m.shape) == (B, c, c):
             t = s0["step"]
-            return I.Moments(m.to(device, dtype), s0["geolora_exp_avg_sq"].to(device, dtype),
-                             t.to(device, dtype).reshape(B))
+            return I.Moments(
+                m.to(device, dtype), s0["geolora_exp_avg_sq"].to(device, dtype), t.to(device, dtype).reshape(B)
+            )
         if m is None:
             return I.zero_moments(B, c, c, dtype, device)
         if m.dim() == 2:  # legacy per-layer layout
@@ -904,8 +928,9 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
             for p in g.S[1:]:
                 self.base_optimizer.state.pop(p, None)
             return I.Moments(m, v, t)
-        logger.warning("GeoLoRA: Adam moments of shape %s do not fit group (%d, %d, %d); restarting them.",
-                       tuple(m.shape), B, c, c)
+        logger.warning(
+            "GeoLoRA: Adam moments of shape %s do not fit group (%d, %d, %d); restarting them.", tuple(m.shape), B, c, c
+        )
         return I.zero_moments(B, c, c, dtype, device)
 
     def _store_moments(self, g: _LayerGroup, moments: I.Moments) -> None:
@@ -919,9 +944,19 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         """:func:`geolora.integrator.adam_coefficients` with the group's moments and the run's Adam settings."""
         st = self.settings
         return I.adam_coefficients(
-            S, G_aug, Ub, Vb, self._load_moments(g, G_aug.dtype, G_aug.device), lr, wd,
-            betas=st["adam_betas"], eps=st["adam_eps"], capacity=g.cap, per_layer=st["s_update"] == "adam_layer",
-            plain_new=plain_new, history=history,
+            S,
+            G_aug,
+            Ub,
+            Vb,
+            self._load_moments(g, G_aug.dtype, G_aug.device),
+            lr,
+            wd,
+            betas=st["adam_betas"],
+            eps=st["adam_eps"],
+            capacity=g.cap,
+            per_layer=st["s_update"] == "adam_layer",
+            plain_new=plain_new,
+            history=history,
         )
 
     def _write_group(self, g: _LayerGroup, w: _GroupWork, ranks: torch.Tensor, reortho: bool) -> None:
@@ -942,6 +977,7 @@ class GeoLoRAOptimizer(torch.optim.Optimizer):
         torch._foreach_copy_(g.rank_buffers, list(ranks.unbind(0)))
         if w.moments is not None:
             self._store_moments(g, I.rotate_moments(w.moments, tr.P, tr.Q))  # (B, c, c)
+
 
 def _or_zeros(grads: list, params: list) -> list:
     """The gradients, with zeros for a layer that got none (e.g. not reached by this batch)."""

@@ -3,8 +3,8 @@
     python scripts/fetch_peft_tests.py            # into .cache/peft-tests/<version>/peft_tests/
     python scripts/fetch_peft_tests.py --dest DIR
 
-``tests/contract/test_peft_generic.py`` runs PEFT's generic tests (``PeftCommonTester`` over the custom models, the config
-tests) against GeoLoRA from that folder. The sdist comes from the package registry pip is configured for
+``tests/contract/test_peft_generic.py`` runs PEFT's generic tests (``PeftCommonTester`` over the custom models,
+the config tests) against GeoLoRA from that folder. The sdist comes from the package registry pip is configured for
 (``pip download --no-binary :all: --no-deps peft==<installed>``); nothing is committed. The folder is renamed
 ``peft_tests`` (PEFT names it ``tests``, which is also ours) and written atomically: a killed fetch leaves no
 half-extracted folder. A rerun with the folder present does nothing.
@@ -36,13 +36,24 @@ def fetch(version: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch.", dir=dest) as tmp:
         tmp = Path(tmp)
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-binary", ":all:", "--no-deps",
-               f"peft=={version}", "-d", str(tmp)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-binary",
+            ":all:",
+            "--no-deps",
+            f"peft=={version}",
+            "-d",
+            str(tmp),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         archives = sorted(tmp.glob("peft-*.tar.gz"))
         if result.returncode != 0 or not archives:
             raise SystemExit(f"could not download the peft {version} sdist ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
-        prefix = f"{archives[0].name[:-len('.tar.gz')]}/tests/"
+        prefix = f"{archives[0].name[: -len('.tar.gz')]}/tests/"
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
             if not any(m.name == prefix + MARKER for m in members):

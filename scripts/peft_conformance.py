@@ -3,9 +3,9 @@
     python scripts/peft_conformance.py                   # -> benchmarks/results/peft-conformance/summary.{json,md}
 
 Fetches PEFT's tests for the installed peft version if needed (``scripts/fetch_peft_tests.py``), runs
-``tests/contract/test_peft_generic.py`` in this process and counts, per PEFT test class, the tests that passed, that PEFT's own
-bodies skipped for GeoLoRA, that ``docs/peft-conformance.md`` lists as skipped or expected to fail, and any failure.
-Versions and the machine are written next to the counts. Exit status 1 if anything failed.
+``tests/contract/test_peft_generic.py`` in this process and counts, per PEFT test class, the tests that passed, that
+PEFT's own bodies skipped for GeoLoRA, that ``docs/peft-conformance.md`` lists as skipped or expected to fail, and
+any failure. Versions and the machine are written next to the counts. Exit status 1 if anything failed.
 """
 
 from __future__ import annotations
@@ -57,8 +57,17 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["GEOLORA_REQUIRE_PEFT_TESTS"] = "1"
     counter = _Counter()
-    code = pytest.main(["-q", "-p", "no:cacheprovider", "-W", "ignore::UserWarning",
-                        str(REPO_ROOT / "tests" / "test_peft_generic.py")], plugins=[counter])
+    code = pytest.main(
+        [
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-W",
+            "ignore::UserWarning",
+            str(REPO_ROOT / "tests" / "test_peft_generic.py"),
+        ],
+        plugins=[counter],
+    )
     by_class = collections.defaultdict(collections.Counter)
     for cls, _, outcome in counter.rows:
         by_class[cls][outcome] += 1
@@ -67,8 +76,9 @@ def main(argv=None) -> int:
     from geolora.app.harness import provenance
     from geolora.io import atomic_write_json, atomic_write_text
 
-    prov = provenance("python scripts/peft_conformance.py", repo=REPO_ROOT,
-                      packages=("peft", "transformers", "torch", "accelerate"))
+    prov = provenance(
+        "python scripts/peft_conformance.py", repo=REPO_ROOT, packages=("peft", "transformers", "torch", "accelerate")
+    )
     revision = prov["git"]["revision"]
     summary = {
         "command": prov["command"],
@@ -77,18 +87,23 @@ def main(argv=None) -> int:
         "git_dirty": prov["git"]["dirty"],
         "versions": {p: v for p, v in prov["versions"].items() if p != "python"},
         "machine": f"{platform.machine()}, {prov['hardware']['cpu_count']} CPU cores, "
-                   f"{platform.python_implementation()} {prov['versions']['python']}",
+        f"{platform.python_implementation()} {prov['versions']['python']}",
         "peft_tests": {"total": len(peft_rows), **dict(totals)},
         "by_class": {cls: dict(c) for cls, c in sorted(by_class.items())},
         "failed": [nodeid for _, nodeid, outcome in counter.rows if outcome.startswith("FAILED")],
         "pytest_exit_code": int(code),
     }
-    outcomes = ["passed", "skipped by PEFT's body", "listed skip", "listed xfail", "FAILED",
-                "FAILED (unexpected pass)"]
-    lines = [f"# PEFT's generic tests against GeoLoRA (peft {version})", "",
-             f"`{summary['command']}` at git {summary['git']}, {summary['date']}; {summary['machine']}; "
-             + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()) + ".", "",
-             "| PEFT test class | total | " + " | ".join(outcomes) + " |", "|---" * (len(outcomes) + 2) + "|"]
+    outcomes = ["passed", "skipped by PEFT's body", "listed skip", "listed xfail", "FAILED", "FAILED (unexpected pass)"]
+    lines = [
+        f"# PEFT's generic tests against GeoLoRA (peft {version})",
+        "",
+        f"`{summary['command']}` at git {summary['git']}, {summary['date']}; {summary['machine']}; "
+        + ", ".join(f"{k} {v}" for k, v in summary["versions"].items())
+        + ".",
+        "",
+        "| PEFT test class | total | " + " | ".join(outcomes) + " |",
+        "|---" * (len(outcomes) + 2) + "|",
+    ]
     for cls, c in sorted(by_class.items()):
         if cls == "(module)":
             continue

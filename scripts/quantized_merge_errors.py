@@ -42,12 +42,21 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp())
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(work / "base")
-    quant = {"8bit": BitsAndBytesConfig(load_in_8bit=True),
-             "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)}
+    AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(work / "base")
+    quant = {
+        "8bit": BitsAndBytesConfig(load_in_8bit=True),
+        "4bit": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    }
 
     def base(kind=None):
         if kind is None:
@@ -69,8 +78,9 @@ def main() -> int:
     def trained(kind):
         model = peft.prepare_model_for_kbit_training(base(kind), use_gradient_checkpointing=False)
         torch.manual_seed(1)
-        model = peft.get_peft_model(model, geolora.GeoLoRAConfig(r=4, r_max=8, target_modules="all-linear",
-                                                                 task_type="CAUSAL_LM"))
+        model = peft.get_peft_model(
+            model, geolora.GeoLoRAConfig(r=4, r_max=8, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
         opt = geolora.create_geolora_optimizer(model, lr=1e-2, num_training_steps=6)
         for step in range(6):
             x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(step))
@@ -93,8 +103,10 @@ def main() -> int:
             geolora.GeoLoRALayer.check_mergeable = lambda *a, **k: None
         try:
             torch.manual_seed(1)
-            model = peft.get_peft_model(base("8bit"), geolora.GeoLoRAConfig(
-                r=4, target_modules="all-linear", init_weights=False, task_type="CAUSAL_LM"))
+            model = peft.get_peft_model(
+                base("8bit"),
+                geolora.GeoLoRAConfig(r=4, target_modules="all-linear", init_weights=False, task_type="CAUSAL_LM"),
+            )
             unmerged = logits(model)
             merged = logits(model.merge_and_unload())
         finally:
@@ -114,8 +126,12 @@ def main() -> int:
         for m in layers(model).values():
             b = m.get_base_layer()
             target = dequantize(b.weight, b) + m.get_delta_weight("default").float()
-            lost.append(float((dequantize(quantized_like(b.weight, target), b) - target).norm()
-                              / m.get_delta_weight("default").norm()))
+            lost.append(
+                float(
+                    (dequantize(quantized_like(b.weight, target), b) - target).norm()
+                    / m.get_delta_weight("default").norm()
+                )
+            )
     out["4bit_trained_lost_fraction_per_layer"] = {"min": min(lost), "max": max(lost), "first_layer": lost[0]}
     with torch.no_grad():
         for m in layers(model).values():
@@ -131,12 +147,20 @@ def main() -> int:
 
     from geolora.app.harness import provenance, write_results
 
-    prov = provenance("python scripts/quantized_merge_errors.py", repo=ROOT,
-                      packages=("torch", "transformers", "peft", "bitsandbytes"))
+    prov = provenance(
+        "python scripts/quantized_merge_errors.py",
+        repo=ROOT,
+        packages=("torch", "transformers", "peft", "bitsandbytes"),
+    )
     code_paths = [p for p in prov["git"]["dirty_paths"] or () if p.startswith(("geolora/", "scripts/"))]
-    result = {"command": prov["command"], "git_revision": prov["git"]["revision"], "git_dirty": bool(code_paths),
-              "versions": {p: v for p, v in prov["versions"].items() if p != "python"},
-              "machine": f"{platform.machine()}, {prov['versions']['python']}", "relative_logit_errors": out}
+    result = {
+        "command": prov["command"],
+        "git_revision": prov["git"]["revision"],
+        "git_dirty": bool(code_paths),
+        "versions": {p: v for p, v in prov["versions"].items() if p != "python"},
+        "machine": f"{platform.machine()}, {prov['versions']['python']}",
+        "relative_logit_errors": out,
+    }
     write_results(ROOT / "benchmarks" / "results" / "quantized-merge" / "errors.json", result)
     print(json.dumps(out, indent=2))
     return 0

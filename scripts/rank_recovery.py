@@ -59,8 +59,14 @@ def run(r: int, lr: float, steps: int, seed: int = 0, batch: int = 64, log_every
             trajectory.append((step + 1, layer.r["default"], opt.phase))
     tail = sum(losses[-20:]) / 20
     # the rank after the last truncation (inside an interval the live rank includes the augmented directions)
-    return {"r0": r, "final_rank": layer.r["default"], "loss_first": losses[0], "loss_last": tail,
-            "reduction": losses[0] / max(tail, 1e-30), "trajectory": trajectory}
+    return {
+        "r0": r,
+        "final_rank": layer.r["default"],
+        "loss_first": losses[0],
+        "loss_last": tail,
+        "reduction": losses[0] / max(tail, 1e-30),
+        "trajectory": trajectory,
+    }
 
 
 def _value(text: str):

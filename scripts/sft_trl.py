@@ -54,8 +54,9 @@ def load_data(spec: str, split: str):
     else:
         data = load_dataset(spec, split=split)
     if not ({"text", "messages", "prompt"} & set(data.column_names)):
-        raise SystemExit(f"--data {spec}: rows need a 'text', 'messages' or 'prompt'/'completion' column; "
-                         f"found {data.column_names}")
+        raise SystemExit(
+            f"--data {spec}: rows need a 'text', 'messages' or 'prompt'/'completion' column; found {data.column_names}"
+        )
     return data
 
 
@@ -75,19 +76,34 @@ def run(args: argparse.Namespace):
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(args.model)
     extra = {} if args.tau is None else {"tau": args.tau}
-    peft_config = geolora.GeoLoRAConfig(r=args.r, r_max=args.r_max, target_modules=args.target_modules,
-                                        task_type="CAUSAL_LM", **extra)
+    peft_config = geolora.GeoLoRAConfig(
+        r=args.r, r_max=args.r_max, target_modules=args.target_modules, task_type="CAUSAL_LM", **extra
+    )
     config = SFTConfig(
-        output_dir=str(args.output_dir), max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
-        packing=args.packing, gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": args.reentrant}, bf16=args.bf16, seed=args.seed,
-        logging_steps=max(1, args.max_steps // 20), save_strategy="no", report_to="none",
+        output_dir=str(args.output_dir),
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        learning_rate=args.lr,
+        max_length=args.max_length,
+        packing=args.packing,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": args.reentrant},
+        bf16=args.bf16,
+        seed=args.seed,
+        logging_steps=max(1, args.max_steps // 20),
+        save_strategy="no",
+        report_to="none",
         use_cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),  # bf16 autocast on CPU too
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=load_data(args.data, args.split),
-                         processing_class=tokenizer, peft_config=peft_config,
-                         callbacks=[geolora.GeoLoRACallback()])
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=load_data(args.data, args.split),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=[geolora.GeoLoRACallback()],
+    )
     trainer.train()
     trainer.save_model(str(args.output_dir))
     ranks = geolora.get_ranks(trainer.model)

@@ -510,9 +510,7 @@ def cmd_train(argv: list[str]) -> int:
         "provenance": result.provenance,
     }
     write_results(out / "metrics.json", results)
-    _print_summary(
-        data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, result.train_seconds, plot
-    )
+    _print_summary(data.name, len(data.eval), metrics, ranks, report["sizes"], config, out, result.train_seconds, plot)
     if push:
         url = push_adapter_folder(
             out, hub_model_id, private=bool(training_args.hub_private_repo), token=training_args.hub_token

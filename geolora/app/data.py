@@ -131,9 +131,7 @@ def _clean_tab_text(text: str) -> str:
     return text
 
 
-def seeded_split(
-    n: int, test_size: int, seed: int, train_size: Optional[int] = None
-) -> tuple[np.ndarray, np.ndarray]:
+def seeded_split(n: int, test_size: int, seed: int, train_size: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """A seeded split of ``range(n)``: ``(train indices, test indices)``, each sorted.
 
     The first ``test_size`` entries of ``numpy.random.default_rng(seed).permutation(n)`` are the test set; the rest,

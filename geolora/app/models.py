@@ -318,8 +318,9 @@ def parameter_counts(layers: Sequence[LayerShape], initial_rank: int) -> dict[st
     (``lora_initial_rank_params``, rank ``min(r0, out, in)``), ``total_rank`` and ``num_layers``."""
 
     def size(method, rank_of):
-        return sum(layer_parameters(method, rank_of(s), rank_cost(method, s.out_features, s.in_features))
-                   for s in layers)
+        return sum(
+            layer_parameters(method, rank_of(s), rank_cost(method, s.out_features, s.in_features)) for s in layers
+        )
 
     return {
         "geolora_params": size("geolora", lambda s: s.rank),
