@@ -24,18 +24,33 @@ import tasks as T  # noqa: E402
 
 from geolora.app import data as gdata  # noqa: E402
 
-CELL_FIELDS = ("provenance", "test", "val", "lr", "lr_grid", "trainable_params_kept", "adapter_params_kept",
-               "adapter_file_bytes", "train_time_s", "median_step_s", "peak_rss_bytes", "final_ranks", "runs")
+CELL_FIELDS = (
+    "provenance",
+    "test",
+    "val",
+    "lr",
+    "lr_grid",
+    "trainable_params_kept",
+    "adapter_params_kept",
+    "adapter_file_bytes",
+    "train_time_s",
+    "median_step_s",
+    "peak_rss_bytes",
+    "final_ranks",
+    "runs",
+)
 
 
 def _env():
-    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false")
+    return dict(
+        os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
 
 
 def _run(*args, timeout=900):
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +61,7 @@ def smoke_results(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
     cells = sorted((smoke_results / "smoke").glob("*.json"))
     names = {p.stem for p in cells}
@@ -92,8 +108,19 @@ def test_first_seed_lr_selection_reruns_only_the_selected_lr(smoke_results):
 
 
 def test_first_seed_lr_selection_needs_the_first_seed(tmp_path):
-    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(tmp_path), "--tasks",
-                "cifar10-efficientnet", "--methods", "lora", "--seeds", "1")
+    proc = _run(
+        "benchmarks/run.py",
+        "--preset",
+        "smoke",
+        "--results-dir",
+        str(tmp_path),
+        "--tasks",
+        "cifar10-efficientnet",
+        "--methods",
+        "lora",
+        "--seeds",
+        "1",
+    )
     assert proc.returncode != 0 and "run seed 0 first" in proc.stderr
 
 
@@ -109,8 +136,9 @@ def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
     x = torch.randn(2, 3, 32, 32)
     swapped = copy.deepcopy(net)
     assert T.plain_pointwise_convs(swapped) == 32
-    assert all(type(m) is torch.nn.Conv2d for n, m in swapped.named_modules() if n.endswith(("_expand_conv",
-                                                                                          "_project_conv")))
+    assert all(
+        type(m) is torch.nn.Conv2d for n, m in swapped.named_modules() if n.endswith(("_expand_conv", "_project_conv"))
+    )
     torch.testing.assert_close(swapped(x), net(x))
 
     cnn = yaml.safe_load((REPO / "configs" / "bench" / "cpu.yaml").read_text())["suites"]["cpu-vision-cnn"]["model"]
@@ -130,7 +158,8 @@ def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
     out.loss.backward()
     torch.testing.assert_close(bn.running_mean, before)
     assert out.logits.shape == (2, 10) and all(
-        p.grad is not None for n, p in pm.named_parameters() if p.requires_grad and "geolora_S" in n)
+        p.grad is not None for n, p in pm.named_parameters() if p.requires_grad and "geolora_S" in n
+    )
 
 
 def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
@@ -153,8 +182,21 @@ def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
     cell_path.unlink()
     partial = cell_path.with_name("lora--sentiment--1.partial.json")
     partial.write_text(json.dumps({"runs": cell["runs"][:1]}))
-    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--tasks", "sentiment",
-                "--methods", "lora", "--seeds", "1", "--threads", "1")
+    proc = _run(
+        "benchmarks/run.py",
+        "--preset",
+        "smoke",
+        "--results-dir",
+        str(smoke_results),
+        "--tasks",
+        "sentiment",
+        "--methods",
+        "lora",
+        "--seeds",
+        "1",
+        "--threads",
+        "1",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     redone = json.loads(cell_path.read_text())
     assert redone["runs"][0] == cell["runs"][0]  # reused, not retrained
@@ -172,8 +214,12 @@ def test_report_writes_tables_and_plots(smoke_results):
     assert "smoke / stsb | pearson" in summary
     assert "## Summary" in report and "Learning-rate grid: validation metric" in report
     plots = {p.name for p in (smoke_results / "plots").glob("*.png")}
-    assert {"metric-vs-params-smoke.png", "ranks-smoke-sentiment.png", "robustness-smoke-robust-sentiment.png",
-            "params-over-steps-smoke-robust-sentiment.png"} <= plots
+    assert {
+        "metric-vs-params-smoke.png",
+        "ranks-smoke-sentiment.png",
+        "robustness-smoke-robust-sentiment.png",
+        "params-over-steps-smoke-robust-sentiment.png",
+    } <= plots
 
 
 # ----------------------------------------------------------------------------------------------- Hub code paths
@@ -195,8 +241,11 @@ def _glue_dataset_dict(tmp_path, task):
     first, second, num_labels, _ = gdata.GLUE_TASKS[task]
     folder = T.write_glue_fixture(tmp_path, task)
     feats = {first: datasets.Value("string")} | ({second: datasets.Value("string")} if second else {})
-    feats["label"] = datasets.Value("float32") if num_labels == 1 else datasets.ClassLabel(
-        names=[f"c{i}" for i in range(num_labels)])
+    feats["label"] = (
+        datasets.Value("float32")
+        if num_labels == 1
+        else datasets.ClassLabel(names=[f"c{i}" for i in range(num_labels)])
+    )
     feats["idx"] = datasets.Value("int32")
     features = datasets.Features(feats)
     split = lambda name: datasets.Dataset.from_pandas(pd.read_csv(folder / f"{name}.csv"), features=features)  # noqa: E731
@@ -273,6 +322,7 @@ def test_budget_rule_and_full_preset_plan():
     assert vit[0]["model"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
 
+@pytest.mark.slow
 def test_runner_under_torchrun_two_processes(tmp_path):
     """DDP with 2 CPU processes (gloo) through torchrun, the launcher `accelerate launch --multi_gpu` runs on GPUs
     (`accelerate launch --cpu` starts a single process on one machine): every cell is trained by both processes,
@@ -283,10 +333,37 @@ def test_runner_under_torchrun_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "benchmarks/run.py", "--preset", "smoke", "--suites", "smoke", "--tasks", "sentiment", "--methods", "geolora",
-         "adalora", "--seeds", "0", "--results-dir", str(tmp_path), "--threads", "1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "benchmarks/run.py",
+            "--preset",
+            "smoke",
+            "--suites",
+            "smoke",
+            "--tasks",
+            "sentiment",
+            "--methods",
+            "geolora",
+            "adalora",
+            "--seeds",
+            "0",
+            "--results-dir",
+            str(tmp_path),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     files = sorted(p.name for p in (tmp_path / "smoke").iterdir())
     assert files == ["adalora--sentiment--0.json", "geolora--sentiment--0.json"]
@@ -305,8 +382,12 @@ def test_rank_study_summary_reads_partial_cells_and_prefers_finished_ones(tmp_pa
 
     def run(r, finals, acc):
         ranks = [[r, r], [r + 3, r + 3], finals]
-        return {"r": r, "adapter_params_kept": 100 * sum(finals), "test": {"accuracy": acc},
-                "rank_trajectory": {"layers": ["a", "b"], "steps": [0, 100, 300], "ranks": ranks}}
+        return {
+            "r": r,
+            "adapter_params_kept": 100 * sum(finals),
+            "test": {"accuracy": acc},
+            "rank_trajectory": {"layers": ["a", "b"], "steps": [0, 100, 300], "ranks": ranks},
+        }
 
     suite = tmp_path / "rank-init"
     suite.mkdir()
@@ -326,11 +407,15 @@ def test_rank_study_summary_reads_partial_cells_and_prefers_finished_ones(tmp_pa
     seeds = tmp_path / "rank-init-seeds"  # the same cells with another training seed: the seed-spread table
     seeds.mkdir()
     (seeds / "geolora--t1--1.json").write_text(json.dumps({"runs": [run(16, [6, 5], 0.88), run(2, [5, 5], 0.84)]}))
-    assert rank_study.main(["--results-dir", str(tmp_path), "--suite", "rank-init", "--seeds-with",
-                            "rank-init-seeds"]) == 0
+    assert (
+        rank_study.main(["--results-dir", str(tmp_path), "--suite", "rank-init", "--seeds-with", "rank-init-seeds"])
+        == 0
+    )
     text = (suite / "summary.md").read_text()
     assert "| t1 | 2 | 0, 1 | 10 / 10 | 0.800 / 0.840 |" in text
     assert "| t1 | 16 | 0, 1 | 12 / 11 | 0.900 / 0.880 |" in text
     # seeds: 4.0 and 2.0 points, ranks 1.00x and 1.09x; initial r: means 0.82 vs 0.89 -> 7.0 points, 11.5 / 10
-    assert ("| t1 | spread | over seeds at the same r: up to 4.0 points, rank up to 1.09x | over initial r (seed "
-            "means): 7.0 points, rank 1.15x | |") in text
+    assert (
+        "| t1 | spread | over seeds at the same r: up to 4.0 points, rank up to 1.09x | over initial r (seed "
+        "means): 7.0 points, rank 1.15x | |"
+    ) in text

@@ -232,7 +232,12 @@ def test_data_paths_are_used_or_rejected_never_ignored(argv, pattern, assets, tm
 
     fmt = {k: str(v) for k, v in assets.items()}
     rc, _, err = run_cli(
-        "train", "--model_name_or_path", assets["bert"], "--output_dir", tmp_path, *[a.format(**fmt) for a in argv],
+        "train",
+        "--model_name_or_path",
+        assets["bert"],
+        "--output_dir",
+        tmp_path,
+        *[a.format(**fmt) for a in argv],
         *FAST,
     )
     lines = [line for line in err.splitlines() if line.startswith("geolora train: error:")]
@@ -694,6 +699,7 @@ def test_user_errors_are_one_line_without_traceback(case, assets, bad_yaml):
     assert re.search(pattern, lines[0]), lines[0]
 
 
+@pytest.mark.slow
 def test_console_script_error_exit_in_a_fresh_process(tmp_path):
     exe = shutil.which("geolora")
     cmd = [exe] if exe else [sys.executable, "-m", "geolora.app.cli"]
@@ -702,6 +708,7 @@ def test_console_script_error_exit_in_a_fresh_process(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("geolora inspect: error:")
 
 
+@pytest.mark.slow
 def test_python_dash_m_geolora_runs_the_command_line():
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
@@ -717,6 +724,7 @@ def test_python_dash_m_geolora_runs_the_command_line():
 
 # ------------------------------------------------------------------------------------------------ distributed
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+@pytest.mark.slow
 def test_train_under_two_process_torchrun(assets, tmp_path):
     """`torchrun --nproc_per_node 2` on CPU with gloo: the CLI runs unchanged; process 0 writes the adapter."""
     out = tmp_path / "ddp"

@@ -312,6 +312,10 @@ def test_image_transform_and_collator():
             return {"pixel_values": torch.zeros(len(ims), 3, 2, 2)}
 
     assert gd.ImageTransform(Processor()).pixels(images).shape == (2, 3, 2, 2)
-    batch = gd.image_collator([{"pixel_values": np.zeros((3, 2, 2)), "labels": np.int64(4)},
-                               {"pixel_values": torch.ones(3, 2, 2), "labels": 1}])
+    batch = gd.image_collator(
+        [
+            {"pixel_values": np.zeros((3, 2, 2)), "labels": np.int64(4)},
+            {"pixel_values": torch.ones(3, 2, 2), "labels": 1},
+        ]
+    )
     assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["labels"].tolist() == [4, 1]

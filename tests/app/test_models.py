@@ -18,8 +18,9 @@ from geolora.model import iter_geolora_layers
 
 def _tiny_bert(seed: int = 0):
     torch.manual_seed(seed)
-    cfg = transformers.BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
-                                  vocab_size=50, num_labels=2)
+    cfg = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24, vocab_size=50, num_labels=2
+    )
     return transformers.BertForSequenceClassification(cfg)
 
 
@@ -33,8 +34,9 @@ def _shape(name: str) -> tuple[int, int]:
 
 
 def test_geolora_sizes_follow_the_formula_at_the_live_ranks():
-    model = peft.get_peft_model(_tiny_bert(), geolora.GeoLoRAConfig(r=2, r_max=4, target_modules=TARGETS,
-                                                                     modules_to_save=["classifier"]))
+    model = peft.get_peft_model(
+        _tiny_bert(), geolora.GeoLoRAConfig(r=2, r_max=4, target_modules=TARGETS, modules_to_save=["classifier"])
+    )
     layers = [name for name, _ in iter_geolora_layers(model)]
     first = layers[0]
     for name, layer in geolora.find_geolora_layers(model):  # one layer at another live rank
@@ -62,8 +64,9 @@ def test_lora_sizes_are_the_factor_sizes():
     expected = {}
     for name, m in model.named_modules():
         if isinstance(m, peft.tuners.lora.LoraLayer):
-            expected[name.removeprefix("base_model.model.")] = m.lora_A["default"].weight.numel() + m.lora_B[
-                "default"].weight.numel()
+            expected[name.removeprefix("base_model.model.")] = (
+                m.lora_A["default"].weight.numel() + m.lora_B["default"].weight.numel()
+            )
     assert sizes["per_layer"] == expected and len(expected) == 6
     assert all(sizes["per_rank"][n] == sum(_shape(n)) for n in expected)
     assert gm.layer_ranks(model, "lora") == dict.fromkeys(expected, 4)
@@ -72,8 +75,11 @@ def test_lora_sizes_are_the_factor_sizes():
 def test_adalora_counts_only_the_unmasked_triplets():
     config = peft.AdaLoraConfig(init_r=6, target_r=4, total_step=10, target_modules=TARGETS)
     model = peft.get_peft_model(_tiny_bert(), config)
-    names = [n.removeprefix("base_model.model.") for n, m in model.named_modules()
-             if isinstance(m, peft.tuners.adalora.AdaLoraLayer)]
+    names = [
+        n.removeprefix("base_model.model.")
+        for n, m in model.named_modules()
+        if isinstance(m, peft.tuners.adalora.AdaLoraLayer)
+    ]
     before = gm.adapter_parameters(model, "adalora")  # no allocation yet: every triplet is live
     assert before["ranks"] == dict.fromkeys(names, 6)
     assert all(before["per_layer"][n] == 6 * (sum(_shape(n)) + 1) for n in names)  # A, E, B

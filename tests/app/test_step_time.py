@@ -5,16 +5,38 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_step_time_benchmark_runs_on_a_tiny_model(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks import step_time
 
-    step_time.main(["--size", "tiny", "--rounds", "2", "--warmup", "1", "--threads", "1", "--memory-repeats", "1",
-                    "--memory-steps", "1", "--profile-steps", "10", "--methods", "lora,adalora,geolora,geolora-trainer",
-                    "--output-dir", str(tmp_path)])
+    step_time.main(
+        [
+            "--size",
+            "tiny",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--memory-repeats",
+            "1",
+            "--memory-steps",
+            "1",
+            "--profile-steps",
+            "10",
+            "--methods",
+            "lora,adalora,geolora,geolora-trainer",
+            "--output-dir",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "tiny.json").read_text())
     assert set(result["timing"]) == {"lora", "adalora", "geolora", "geolora-trainer"}
     geo = result["timing"]["geolora"]

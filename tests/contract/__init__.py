@@ -1,1 +1,2 @@
-"""The PEFT contract: config, layers, save/load, merge, export, quantized bases, PEFT's own generic tests, import rules."""
+"""The PEFT contract: config, layers, save/load, merge, export, quantized bases, PEFT's own generic tests, import
+rules."""

@@ -1,4 +1,5 @@
-"""GeoLoRAConfig: validation (errors name the field and the bad value), serialisation, help metadata."""
+"""GeoLoRAConfig: validation (errors name the field and the bad value; fuzzed kwargs and adapter_config.json give
+only such errors, or a warning for an unknown key), serialisation, help metadata."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.utils import PeftType
 
@@ -132,6 +135,94 @@ def test_invalid_value_in_saved_json_is_rejected_on_load(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=_msg("tau", 2.0)):
         PeftConfig.from_pretrained(str(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------------------------- fuzzing
+_ODD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 40),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=6),
+    st.lists(st.one_of(st.integers(-1, 9), st.text(max_size=3), st.floats(0, 1)), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.one_of(st.integers(-2, 20), st.floats(), st.text(max_size=2)), max_size=2),
+    st.sampled_from(["sgd", "adam", "rank", "params", "none", "all", "geolora_only", "SEQ_CLS", "query"]),
+    st.tuples(st.floats(0, 1.2), st.floats(0, 1.2)),
+)
+_FIELDS = [
+    "r",
+    "r_max",
+    "r_min",
+    "tau",
+    "lora_alpha",
+    "lora_dropout",
+    "target_modules",
+    "exclude_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "modules_to_save",
+    "bias",
+    "fan_in_fan_out",
+    "init_weights",
+    "rank_pattern",
+    "s_update",
+    "adam_betas",
+    "adam_eps",
+    "rank_budget",
+    "budget_type",
+    "reorthonormalize_every",
+    "sync_factors_every",
+    "static_shapes",
+    "task_type",
+    "inference_mode",
+]
+
+
+def _names_a_field(exc: Exception, fields) -> bool:
+    msg = str(exc)
+    # the bad field first ("GeoLoRAConfig.r_min=5 is invalid"), or a field it conflicts with ("... (r_max=4)")
+    return any(f"{f}=" in msg or f"{f}[" in msg for f in fields) or ("task_type" in fields and "task type" in msg)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(_FIELDS), _ODD, min_size=1, max_size=4))
+def test_fuzz_config_kwargs_only_clear_errors(kwargs):
+    try:
+        cfg = geolora.GeoLoRAConfig(**kwargs)
+    except (ValueError, TypeError) as exc:
+        assert _names_a_field(exc, kwargs), f"{kwargs} -> {exc!r}"
+        return
+    assert 1 <= cfg.r_min <= cfg.r <= cfg.r_max and 0 <= cfg.tau < 1
+    json.dumps(cfg.to_dict(), default=sorted)  # what save_pretrained writes
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    changes=st.dictionaries(st.sampled_from(_FIELDS + ["knob_from_the_future", "another_new_key"]), _ODD, max_size=3),
+    drop=st.lists(st.sampled_from(["r", "tau", "r_max", "rank_pattern", "s_update", "target_modules"]), max_size=2),
+)
+def test_fuzz_adapter_config_json_only_clear_errors_or_warning(tmp_path_factory, changes, drop):
+    d = tmp_path_factory.mktemp("cfg")
+    geolora.GeoLoRAConfig(r=4, target_modules=["query"]).save_pretrained(str(d))
+    data = json.loads((d / "adapter_config.json").read_text())
+    data.update(changes)
+    for key in drop:
+        data.pop(key, None)  # missing keys take their defaults
+    (d / "adapter_config.json").write_text(json.dumps(data))
+    unknown = [k for k in changes if k not in _FIELDS]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cfg = PeftConfig.from_pretrained(str(d))
+        except (ValueError, TypeError) as exc:
+            assert _names_a_field(exc, changes), f"{changes} -> {exc!r}"
+            return
+    assert isinstance(cfg, geolora.GeoLoRAConfig)
+    for key in unknown:  # a key from a newer version: warned about, dropped, still working
+        assert any(key in str(w.message) for w in caught), key
+        assert not hasattr(cfg, key)
 
 
 # ---------------------------------------------------------------------------------------------------- serialisation
@@ -263,8 +354,9 @@ def test_scale_by_is_validated_and_an_adapter_saved_before_it_loads_with_the_old
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
 
-    old = peft.get_peft_model(base(), GeoLoRAConfig(r=2, r_max=6, lora_alpha=8, scale_by="r", init_weights=False,
-                                                    target_modules=["0", "2"]))
+    old = peft.get_peft_model(
+        base(), GeoLoRAConfig(r=2, r_max=6, lora_alpha=8, scale_by="r", init_weights=False, target_modules=["0", "2"])
+    )
     x = torch.randn(5, 10)
     expected = old(x)
     old.save_pretrained(tmp_path)

@@ -95,9 +95,7 @@ def test_no_library_module_imports_the_application_in_a_fresh_interpreter():
         "    importlib.import_module(name)\n"
         "print(json.dumps(sorted(m for m in sys.modules if m == 'geolora.app' or m.startswith('geolora.app.'))))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == [], f"importing the library loaded the application modules {loaded}"

@@ -281,8 +281,10 @@ def test_loading_without_import_geolora_fails(tmp_path, tiny_specs, fresh_python
 def test_merge_into_an_integer_base_weight_is_refused_before_anything_changes():
     """A base weight GeoLoRA cannot add a float update to (here int8, as a quantized base without its own GeoLoRA
     layer type would store it): merge_and_unload refuses naming the layer, and the weight is untouched."""
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
-                                geolora.GeoLoRAConfig(r=2, target_modules=["0", "1"], init_weights=False))
+    model = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)),
+        geolora.GeoLoRAConfig(r=2, target_modules=["0", "1"], init_weights=False),
+    )
     base = model.base_model.model[1].get_base_layer()
     base.weight = torch.nn.Parameter(torch.randint(-5, 5, (8, 8), dtype=torch.int8), requires_grad=False)
     before = base.weight.detach().clone()

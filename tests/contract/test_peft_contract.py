@@ -1,11 +1,15 @@
 """PEFT's tuner contract for GeoLoRA over tiny models: training touches only the adapter, save/load (fresh process,
 AutoPeftModel*, transformers' ``load_adapter``) reproduces outputs and per-layer ranks, merge/unmerge, disable,
-several adapters, modules_to_save, half-precision bases, and the export to a stock LoRA adapter."""
+several adapters, modules_to_save, half-precision bases, and the export to a stock LoRA adapter.  The saved adapter's
+files: written atomically; truncated or corrupted weights, a rank_pattern that disagrees with the tensors and pickled
+weights are refused with errors that name the file (and layer)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +21,7 @@ from safetensors.torch import load_file
 
 import geolora
 from geolora import GeoLoRAConfig, GeoLoRALayer
+from tests.training._helpers import X16, TwoLayer, loss_of, two_layer
 
 ATOL = 1e-5
 GEOLORA_LR, HEAD_LR, TAU = 0.5, 1e-2, 0.5  # large λ and τ so ranks move away from r in a few steps
@@ -319,6 +324,142 @@ def test_loading_onto_base_with_other_shapes_names_the_layer(trained, tiny_specs
         PeftModel.from_pretrained(other, str(t.adapter_dir))
 
 
+# ---------------------------------------------------------- saved adapter files: atomic writes, damaged or unsafe files
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    """A small trained adapter on disk (ranks differ per layer) and the factory of its base model."""
+    d = tmp_path_factory.mktemp("saved")
+    model = two_layer(tau=0.3)
+    opt = geolora.create_geolora_optimizer(model, lr=0.5)
+    for _ in range(5):
+        loss_of(model).backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(d / "adapter")
+    expected = model(X16).detach()
+    return d / "adapter", expected, geolora.get_ranks(model)
+
+
+def _copy_adapter(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+def _load_adapter(path):
+    torch.manual_seed(0)
+    return PeftModel.from_pretrained(TwoLayer(), str(path))
+
+
+def test_adapter_files_are_written_atomically(saved_adapter, tmp_path, monkeypatch):
+    """A save that dies while writing either file leaves the previous complete adapter in place."""
+    import safetensors.torch
+
+    src, expected, ranks = saved_adapter
+    d = _copy_adapter(src, tmp_path / "a")
+    model = _load_adapter(d)
+    real_save_file = safetensors.torch.save_file
+
+    def dying_save_file(tensors, filename, metadata=None):
+        real_save_file(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # the process "dies" half way through its write
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt
+
+    import peft.peft_model as pm
+
+    original = getattr(pm.safe_save_file, "__wrapped__", pm.safe_save_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", dying_save_file)
+    if original is not pm.safe_save_file:  # the GeoLoRA hook is installed: it writes through save_file
+        pass
+    else:  # no hook: PEFT's own writer (bound at import) dies the same way
+        monkeypatch.setattr(pm, "safe_save_file", dying_save_file)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(d)
+    monkeypatch.undo()
+    torch.testing.assert_close(_load_adapter(d)(X16), expected, rtol=0, atol=1e-6)
+    assert not [f for f in os.listdir(d) if f.endswith(".tmp")]  # the temporary file was removed
+
+    def dying_dumps(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    import peft.config as pc
+
+    with monkeypatch.context() as mp:
+        real_open = open
+
+        def dying_open(path, mode="r", *args, **kwargs):  # PEFT's config writer: open(...,"w") then write
+            f = real_open(path, mode, *args, **kwargs)
+            if "w" in mode and str(path).endswith("adapter_config.json"):
+                f.close()
+                raise KeyboardInterrupt  # dies after truncating, before writing
+            return f
+
+        mp.setattr(pc, "open", dying_open, raising=False)
+        with pytest.raises(KeyboardInterrupt):
+            model.peft_config["default"].save_pretrained(str(d))
+    assert json.loads((d / "adapter_config.json").read_text())["rank_pattern"] == ranks
+
+
+def test_truncated_or_corrupted_weights_name_the_file(saved_adapter, tmp_path):
+    src, _, _ = saved_adapter
+    d = _copy_adapter(src, tmp_path / "t")
+    f = d / "adapter_model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) - 9])
+    match = r"cannot read the adapter weights file '.*adapter_model\.safetensors'.*truncated"
+    with pytest.raises(ValueError, match=match):
+        _load_adapter(d)
+    # a flipped value inside the data: the header is fine, the values are not
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("b.geolora_U"))
+    tensors[key][0, 0] = math.nan
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 'b' in '.*adapter_model\.safetensors': geolora_U contains inf/NaN"):
+        _load_adapter(d)
+    tensors = load_file(src / "adapter_model.safetensors")
+    tensors[key] = tensors[key] * 3.0
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layer 'b' in .*geolora_U is not orthonormal"):
+        _load_adapter(d)
+
+
+def test_rank_pattern_disagreeing_with_tensors_names_file_and_layer(saved_adapter, tmp_path):
+    src, _, ranks = saved_adapter
+    d = _copy_adapter(src, tmp_path / "r")
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg["rank_pattern"]["a"] = ranks["a"] % 6 + 1
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        ValueError,
+        match=rf"layer 'a' in '.*adapter_model\.safetensors' has rank {ranks['a']} but "
+        rf"the rank_pattern of adapter_config\.json .* says {ranks['a'] % 6 + 1}",
+    ):
+        _load_adapter(d)
+
+
+def test_pickled_weights_are_never_unpickled(saved_adapter, tmp_path):
+    """Only safetensors is written; an adapter_model.bin (pickle) is read with torch.load(weights_only=True), so a
+    malicious pickle is refused instead of executed."""
+    src, _, _ = saved_adapter
+    assert sorted(p.name for p in src.iterdir() if p.name.startswith("adapter_model")) == ["adapter_model.safetensors"]
+    d = _copy_adapter(src, tmp_path / "p")
+    (d / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"x": Evil()}, d / "adapter_model.bin")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        _load_adapter(d)
+    assert not marker.exists()
+
+
 # ---------------------------------------------------------------------------------------------------- merge
 @pytest.mark.parametrize("name", ["bert", "gpt2", "vit", "cnn"])
 def test_merge_unmerge_and_merge_and_unload_agree(name, tiny_specs):
@@ -472,7 +613,8 @@ def test_autocast_adapter_dtype_on_a_bf16_base_is_honoured_like_lora(autocast, t
 
     spec = tiny_specs["bert"]
     lora = get_peft_model(
-        spec.build().to(torch.bfloat16), LoraConfig(r=4, target_modules=list(spec.target_modules)),
+        spec.build().to(torch.bfloat16),
+        LoraConfig(r=4, target_modules=list(spec.target_modules)),
         autocast_adapter_dtype=autocast,
     )
     lora_dtypes = {p.dtype for n, p in lora.named_parameters() if "lora_" in n}
@@ -600,6 +742,16 @@ def test_export_of_merged_model_raises(tiny_specs, tmp_path):
     with pytest.raises(ValueError, match=re.escape("export_as_lora: layer 'conv' is merged into the base weights")):
         geolora.export_as_lora(model, tmp_path / "lora")
     assert not (tmp_path / "lora" / "adapter_model.safetensors").exists()
+
+
+def test_export_of_unloaded_or_unknown_adapter_is_a_clear_error(tmp_path):
+    model = two_layer()
+    with pytest.raises(ValueError, match=r"no adapter named 'nope' \(adapters: \['default'\]\)"):
+        geolora.export_as_lora(model, tmp_path / "x", adapter_name="nope")
+    merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match="has no PEFT adapters .* merge_and_unload"):
+        geolora.export_as_lora(merged, tmp_path / "y")
+    assert not (tmp_path / "y").exists()
 
 
 # ---------------------------------------------------------------------------------------------------- registration

@@ -33,11 +33,14 @@ from geolora import GeoLoRAConfig
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PEFT_VERSION = importlib.metadata.version("peft")
 CACHE = Path(os.environ.get("GEOLORA_PEFT_TESTS", REPO_ROOT / ".cache" / "peft-tests" / PEFT_VERSION))
+pytestmark = pytest.mark.slow  # PEFT's whole generic suite: `make test-fast` leaves it out
 DIFFERENCES_DOC = REPO_ROOT / "docs" / "peft-conformance.md"
 
 if not (CACHE / "peft_tests" / "testing_common.py").is_file():
-    message = (f"PEFT {PEFT_VERSION}'s tests are not in {CACHE}/peft_tests: run `python scripts/fetch_peft_tests.py` "
-               "(make test does)")
+    message = (
+        f"PEFT {PEFT_VERSION}'s tests are not in {CACHE}/peft_tests: run `python scripts/fetch_peft_tests.py` "
+        "(make test does)"
+    )
     if os.environ.get("GEOLORA_REQUIRE_PEFT_TESTS") == "1":
         raise RuntimeError(message)
     pytest.skip(message, allow_module_level=True)
@@ -69,10 +72,20 @@ GEOLORA_CASES = [
     ("Conv2d 1x1 GeoLoRA", "Conv2d1x1", GeoLoRAConfig, {"target_modules": ["conv2d"]}),
 ]
 MULTIPLE_ACTIVE_ADAPTERS_CASES = [
-    ("GeoLoRA Same", "geolora", GeoLoRAConfig, {"target_modules": ["lin0"], "init_weights": False},
-     {"target_modules": ["lin0"], "init_weights": False}),
-    ("GeoLoRA Different", "geolora", GeoLoRAConfig, {"target_modules": ["lin0"], "init_weights": False},
-     {"target_modules": ["lin1"], "init_weights": False}),
+    (
+        "GeoLoRA Same",
+        "geolora",
+        GeoLoRAConfig,
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin0"], "init_weights": False},
+    ),
+    (
+        "GeoLoRA Different",
+        "geolora",
+        GeoLoRAConfig,
+        {"target_modules": ["lin0"], "init_weights": False},
+        {"target_modules": ["lin1"], "init_weights": False},
+    ),
 ]
 
 
@@ -131,8 +144,14 @@ METHOD_ARGS = ("config_cls", "config_class")  # how PEFT's tests name the PEFT m
 ALL_TYPES_TESTS = {"TestPeftConfig": ["test_from_peft_type"]}
 
 
-DECODER_CONFIG = {"task_type": "CAUSAL_LM", "r": 8, "lora_alpha": 32, "target_modules": None, "lora_dropout": 0.05,
-                  "bias": "none"}  # PEFT's LoRA entry of the decoder tests, for GeoLoRA
+DECODER_CONFIG = {
+    "task_type": "CAUSAL_LM",
+    "r": 8,
+    "lora_alpha": 32,
+    "target_modules": None,
+    "lora_dropout": 0.05,
+    "bias": "none",
+}  # PEFT's LoRA entry of the decoder tests, for GeoLoRA
 
 
 def _mentions_lora(values) -> bool:
@@ -210,20 +229,35 @@ def _decoder_configs(vocab: int = 128) -> dict:
     """Tiny decoders in the shapes of the Hub models PEFT's decoder tests name, built from configs (no Hub)."""
     from transformers import Gemma3TextConfig, GPT2Config, GPTJConfig, LlamaConfig, OPTConfig, Qwen2Config
 
-    small = dict(vocab_size=vocab, num_hidden_layers=2, num_attention_heads=4, hidden_size=16, intermediate_size=32,
-                 max_position_embeddings=64)
+    small = dict(
+        vocab_size=vocab,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_size=16,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
     configs = {
         "peft-internal-testing/tiny-random-OPTForCausalLM": OPTConfig(
-            vocab_size=vocab, hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=4,
-            word_embed_proj_dim=16, max_position_embeddings=64),
+            vocab_size=vocab,
+            hidden_size=16,
+            num_hidden_layers=2,
+            ffn_dim=32,
+            num_attention_heads=4,
+            word_embed_proj_dim=16,
+            max_position_embeddings=64,
+        ),
         "peft-internal-testing/tiny-random-GPT2LMHeadModel": GPT2Config(
-            vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, n_positions=64),
+            vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, n_positions=64
+        ),
         "peft-internal-testing/tiny-random-GPTJForCausalLM": GPTJConfig(
-            vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, rotary_dim=4, n_positions=64),
+            vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, rotary_dim=4, n_positions=64
+        ),
         "trl-internal-testing/tiny-random-LlamaForCausalLM": LlamaConfig(num_key_value_heads=2, **small),
         "peft-internal-testing/tiny-dummy-qwen2": Qwen2Config(num_key_value_heads=2, **small),
         "hf-internal-testing/tiny-random-Gemma3ForCausalLM": Gemma3TextConfig(
-            num_key_value_heads=2, head_dim=4, **small),
+            num_key_value_heads=2, head_dim=4, **small
+        ),
     }
     return configs
 
@@ -251,8 +285,11 @@ def _offline_decoders(self, tmp_path_factory, monkeypatch):
     monkeypatch.chdir(decoder_models_root(tmp_path_factory))
 
 
-TestDecoderModels = geolora_class("TestDecoderModels", peft_decoder.TestDecoderModels,
-                                  _geolora_offline_models=pytest.fixture(autouse=True)(_offline_decoders))
+TestDecoderModels = geolora_class(
+    "TestDecoderModels",
+    peft_decoder.TestDecoderModels,
+    _geolora_offline_models=pytest.fixture(autouse=True)(_offline_decoders),
+)
 
 GEOLORA_CLASSES = ("TestPeftCustomModel", "TestMultipleActiveAdapters", "TestPeftConfig", "TestDecoderModels")
 
@@ -261,8 +298,11 @@ def test_every_listed_difference_matches_a_test(request):
     """A row of docs/peft-conformance.md that matches no collected test is stale: fail."""
     if request.config.option.keyword or request.config.option.markexpr:
         pytest.skip("a -k/-m selection is active: not every test is collected")
-    ours = [f"{item.cls.__name__}::{item.name}" for item in request.session.items
-            if item.cls is not None and item.module.__name__ == __name__ and item.cls.__name__ in GEOLORA_CLASSES]
+    ours = [
+        f"{item.cls.__name__}::{item.name}"
+        for item in request.session.items
+        if item.cls is not None and item.module.__name__ == __name__ and item.cls.__name__ in GEOLORA_CLASSES
+    ]
     for cls in GEOLORA_CLASSES:
         if not any(n.startswith(cls + "::") for n in ours):
             pytest.skip(f"{cls} was not collected in full (a node-id selection)")
@@ -272,8 +312,10 @@ def test_every_listed_difference_matches_a_test(request):
 
 def test_differences_table_is_parsed_strictly(tmp_path):
     doc = tmp_path / "d.md"
-    doc.write_text("<!-- differences:begin -->\n| pattern | kind | reason |\n|---|---|---|\n"
-                   "| `A::t[x*]` | xfail | why |\n<!-- differences:end -->\n")
+    doc.write_text(
+        "<!-- differences:begin -->\n| pattern | kind | reason |\n|---|---|---|\n"
+        "| `A::t[x*]` | xfail | why |\n<!-- differences:end -->\n"
+    )
     assert read_differences(doc) == [{"pattern": "A::t[x*]", "kind": "xfail", "reason": "why"}]
     assert _matches("A::t[x 1]", "A::t[x*]") and not _matches("A::t[y]", "A::t[x*]")  # brackets are literal
     doc.write_text("<!-- differences:begin -->\n| `A::t` | maybe | why |\n<!-- differences:end -->\n")

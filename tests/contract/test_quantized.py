@@ -30,15 +30,24 @@ QUANT = {
     "8bit": dict(load_in_8bit=True),
     "4bit": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
 }
-LAYER_TYPES = {"8bit": (bnb.nn.Linear8bitLt, geolora_bnb.Linear8bitLt),
-               "4bit": (bnb.nn.Linear4bit, geolora_bnb.Linear4bit)}
+LAYER_TYPES = {
+    "8bit": (bnb.nn.Linear8bitLt, geolora_bnb.Linear8bitLt),
+    "4bit": (bnb.nn.Linear4bit, geolora_bnb.Linear4bit),
+}
 
 
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     path = tmp_path_factory.mktemp("tiny-llama")
     AutoModelForCausalLM.from_config(config).save_pretrained(path)
     return path
@@ -49,8 +58,9 @@ def _base(base_dir, kind=None):
         warnings.simplefilter("ignore")
         if kind is None:
             return AutoModelForCausalLM.from_pretrained(base_dir)
-        return AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=BitsAndBytesConfig(**QUANT[kind]),
-                                                    device_map="cpu")
+        return AutoModelForCausalLM.from_pretrained(
+            base_dir, quantization_config=BitsAndBytesConfig(**QUANT[kind]), device_map="cpu"
+        )
 
 
 def _ids(seed=0):
@@ -79,8 +89,9 @@ def _train(model, steps=6, **config):
         warnings.simplefilter("ignore")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         torch.manual_seed(1)
-        model = get_peft_model(model, geolora.GeoLoRAConfig(r=4, r_max=8, target_modules="all-linear",
-                                                             task_type="CAUSAL_LM", **config))
+        model = get_peft_model(
+            model, geolora.GeoLoRAConfig(r=4, r_max=8, target_modules="all-linear", task_type="CAUSAL_LM", **config)
+        )
         opt = geolora.create_geolora_optimizer(model, lr=1e-2, num_training_steps=steps)
         losses = []
         for step in range(steps):
@@ -148,8 +159,11 @@ def test_4bit_merge_that_would_lose_the_update_is_refused_before_anything_change
     out = _logits(model, ids)
     weights = {n: m.get_base_layer().weight for n, m in _geolora_layers(model).items()}
     for merge in (model.merge_adapter, model.merge_and_unload):
-        with pytest.raises(ValueError, match=r"refusing to merge adapter 'default' into the 4-bit .* layer "
-                                             r"'model\.layers\.0\.self_attn\.q_proj'.*unquantized base"):
+        with pytest.raises(
+            ValueError,
+            match=r"refusing to merge adapter 'default' into the 4-bit .* layer "
+            r"'model\.layers\.0\.self_attn\.q_proj'.*unquantized base",
+        ):
             merge()
         layers = _geolora_layers(model)
         assert len(layers) == 14 and not any(m.merged for m in layers.values())
@@ -193,7 +207,6 @@ def test_export_lora_from_a_quantized_run_loads_in_plain_peft(base_dir, tmp_path
     torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, rtol=0, atol=1e-4)
 
 
-
 def test_other_quantized_weights_train_and_refuse_to_merge_clearly():
     """torchao (a quantized tensor subclass on nn.Linear): GeoLoRA trains on it; a merge, which has no requantizing
     path here, is refused naming the layer before anything changes (it used to fail inside torchao's dispatch)."""
@@ -215,4 +228,3 @@ def test_other_quantized_weights_train_and_refuse_to_merge_clearly():
             merge()
         assert not any(m.merged for m in _geolora_layers(model).values())
         torch.testing.assert_close(_logits_plain(model, x), out, rtol=0, atol=0)
-

@@ -19,16 +19,26 @@ def build():
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, num_labels=2)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=2
+    )
     model = BertForSequenceClassification(cfg)
     rank = int(os.environ.get("RANK", 0))
     # a perturbed tau on one process: ranks must still agree because process 0 decides them
     tau = 0.3 + (1e-3 if rank == 1 else 0.0)
-    return peft.get_peft_model(model, geolora.GeoLoRAConfig(r=4, r_max=8, tau=tau, target_modules=["query", "value"],
-                                                            modules_to_save=["classifier"], task_type="SEQ_CLS",
-                                                            sync_factors_every=3 if mode == "driver" else 0,
-                                                            augment_every=augment_every))
+    return peft.get_peft_model(
+        model,
+        geolora.GeoLoRAConfig(
+            r=4,
+            r_max=8,
+            tau=tau,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+            sync_factors_every=3 if mode == "driver" else 0,
+            augment_every=augment_every,
+        ),
+    )
 
 
 def data():
@@ -88,9 +98,19 @@ else:
     model = build()
     ids, labels = data()
     ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    args = TrainingArguments(os.path.join(out, "trainer"), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                             num_train_epochs=2, learning_rate=5e-2, report_to=[], use_cpu=True, ddp_backend="gloo",
-                             save_strategy="no", logging_steps=1, disable_tqdm=True)
+    args = TrainingArguments(
+        os.path.join(out, "trainer"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        ddp_backend="gloo",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     cb = geolora.GeoLoRACallback()
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
     trainer.train()

@@ -27,13 +27,30 @@ def build():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=32)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     model = LlamaForCausalLM(cfg)
     # the LM head trained in full (modules_to_save): a sharded non-GeoLoRA trainable, stepped by the wrapped AdamW
-    return peft.get_peft_model(model, geolora.GeoLoRAConfig(r=2, r_max=8, tau=0.2, target_modules="all-linear",
-                                                            task_type="CAUSAL_LM", augment_every=augment_every,
-                                                            tau_warmup_steps=0, modules_to_save=["lm_head"]))
+    return peft.get_peft_model(
+        model,
+        geolora.GeoLoRAConfig(
+            r=2,
+            r_max=8,
+            tau=0.2,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+            augment_every=augment_every,
+            tau_warmup_steps=0,
+            modules_to_save=["lm_head"],
+        ),
+    )
 
 
 def batches():
@@ -49,10 +66,16 @@ def dump(model, rank, losses):
     for n, p in model.named_parameters():
         if "geolora_" in n:
             factors[n] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
-    torch.save({"ranks": {n: m.r["default"] for n, m in layers.items()},
-                "rank_buffers": {n: int(m.geolora_rank["default"]) for n, m in layers.items()},
-                "sharded": any(isinstance(p, DTensor) for n, p in model.named_parameters() if "geolora_" in n),
-                "factors": factors, "losses": losses}, os.path.join(out, f"{mode}-rank{rank}.pt"))
+    torch.save(
+        {
+            "ranks": {n: m.r["default"] for n, m in layers.items()},
+            "rank_buffers": {n: int(m.geolora_rank["default"]) for n, m in layers.items()},
+            "sharded": any(isinstance(p, DTensor) for n, p in model.named_parameters() if "geolora_" in n),
+            "factors": factors,
+            "losses": losses,
+        },
+        os.path.join(out, f"{mode}-rank{rank}.pt"),
+    )
 
 
 def sharded_model_and_optimizer():
@@ -105,8 +128,9 @@ else:
     else:  # resume: what the Trainer's FSDP2 checkpointing does, through torch.distributed.checkpoint
         losses = train(model, opt, batches()[:3], rank, world)
         ckpt = os.path.join(out, "dcp-checkpoint")
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=ckpt)
+        dcp.save(
+            {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt
+        )
         del model, opt
         model, opt = sharded_model_and_optimizer()
         sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}

@@ -1,4 +1,6 @@
-"""Fault-injection helper for tests/training/test_reliability.py: a process that may be killed with SIGKILL at any moment.
+"""Fault-injection helper for the SIGKILL-then-resume test of tests/training/test_callback.py
+(test_sigkill_at_random_points_then_resume_equals_uninterrupted): a process that may be killed with SIGKILL at any
+moment.
 
     python kill_resume.py train OUT TOTAL_STEPS CKPT_EVERY
         A GeoLoRA driver loop (create_geolora_optimizer, s_update="adam", a trained head) that checkpoints every
@@ -42,8 +44,16 @@ def _base() -> MLP:
 
 
 def _config(augment_every: int) -> geolora.GeoLoRAConfig:
-    return geolora.GeoLoRAConfig(r=2, r_max=6, tau=0.05, target_modules=["a", "b"], modules_to_save=["head"],
-                                 s_update="adam", reorthonormalize_every=5, augment_every=augment_every)
+    return geolora.GeoLoRAConfig(
+        r=2,
+        r_max=6,
+        tau=0.05,
+        target_modules=["a", "b"],
+        modules_to_save=["head"],
+        s_update="adam",
+        reorthonormalize_every=5,
+        augment_every=augment_every,
+    )
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:

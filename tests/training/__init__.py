@@ -1,1 +1,2 @@
-"""The training drivers: GeoLoRAOptimizer, the Trainer callback, every way of running the step, DDP/FSDP2, TRL, rank adaptation."""
+"""The training drivers: GeoLoRAOptimizer, the Trainer callback, every way of running the step, DDP/FSDP2, TRL, rank
+adaptation."""

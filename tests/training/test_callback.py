@@ -1,5 +1,15 @@
-"""GeoLoRACallback on a stock transformers.Trainer: accumulation, clipping, logging, resume, transformers'
-own adapter integration, and the accelerate loop."""
+"""GeoLoRACallback on a stock transformers.Trainer: accumulation, clipping, logging, resume (from a Trainer
+checkpoint, and after SIGKILL at random points of a checkpointing loop), transformers' own adapter integration, the
+accelerate loop, a user's optimizer kept off the bases, and several trainable adapters refused."""
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import sys
+import traceback
+from pathlib import Path
 
 import datasets
 import peft
@@ -10,12 +20,16 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 
 import geolora
 from geolora.integrator import orthonormality_error
+from tests.training._helpers import check_invariants, geolora_layers, loss_of, two_layer
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
 def _bert():
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, num_labels=2)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=2
+    )
     return BertForSequenceClassification(cfg)
 
 
@@ -26,15 +40,36 @@ def _data():
 
 
 def _peft_model(augment_every=10):
-    return peft.get_peft_model(_bert(), geolora.GeoLoRAConfig(
-        r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS",
-        augment_every=augment_every, tau_warmup_ratio=0.25))
+    return peft.get_peft_model(
+        _bert(),
+        geolora.GeoLoRAConfig(
+            r=4,
+            r_max=8,
+            tau=0.3,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+            augment_every=augment_every,
+            tau_warmup_ratio=0.25,
+        ),
+    )
 
 
 def _train(out, model, resume=None, epochs=3):
-    args = TrainingArguments(str(out), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=1.0,
-                             num_train_epochs=epochs, learning_rate=5e-2, logging_steps=1, save_steps=6, report_to=[],
-                             use_cpu=True, disable_tqdm=True, seed=0)
+    args = TrainingArguments(
+        str(out),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_grad_norm=1.0,
+        num_train_epochs=epochs,
+        learning_rate=5e-2,
+        logging_steps=1,
+        save_steps=6,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
     cb = geolora.GeoLoRACallback()
     trainer = Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb])
     trainer.train(resume_from_checkpoint=resume)
@@ -99,8 +134,10 @@ def _skip_if_transformers_needs_newer_peft():
 
     needed = getattr(tf_peft, "MIN_PEFT_VERSION", "0")
     if Version(peft.__version__) < Version(needed):
-        pytest.skip(f"transformers {transformers.__version__} needs peft >= {needed} for add_adapter (installed: "
-                    f"{peft.__version__})")
+        pytest.skip(
+            f"transformers {transformers.__version__} needs peft >= {needed} for add_adapter (installed: "
+            f"{peft.__version__})"
+        )
 
 
 def test_transformers_add_adapter_trains_as_geolora(tmp_path):
@@ -108,8 +145,16 @@ def test_transformers_add_adapter_trains_as_geolora(tmp_path):
     _skip_if_transformers_needs_newer_peft()
     model = _bert()
     model.add_adapter(geolora.GeoLoRAConfig(r=4, r_max=8, tau=0.3, target_modules=["query", "value"]))
-    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=5e-2,
-                             report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=8,
+        num_train_epochs=2,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     cb = geolora.GeoLoRACallback()
     Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
     assert cb.optimizer.num_steps == 16
@@ -130,18 +175,37 @@ def test_rank_statistics_reach_integrations_registered_before_the_callback(tmp_p
         def on_log(self, args, state, control, logs=None, **kwargs):
             seen.append(dict(logs))
 
-    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=1e-2,
-                             logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
-    trainer = Trainer(model=_peft_model(), args=args, train_dataset=_data(),
-                      callbacks=[FakeIntegration(), geolora.GeoLoRACallback()])
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=_peft_model(), args=args, train_dataset=_data(), callbacks=[FakeIntegration(), geolora.GeoLoRACallback()]
+    )
     trainer.train()
     train_logs = [h for h in seen if "loss" in h]
     assert train_logs and all("geolora/mean_rank" in h for h in train_logs)
 
 
 def test_bf16_autocast_training(tmp_path):
-    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=16, num_train_epochs=1, learning_rate=5e-2,
-                             bf16=True, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True)
+    args = TrainingArguments(
+        str(tmp_path),
+        per_device_train_batch_size=16,
+        num_train_epochs=1,
+        learning_rate=5e-2,
+        bf16=True,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     model = _peft_model()
     cb = geolora.GeoLoRACallback()
     Trainer(model=model, args=args, train_dataset=_data(), callbacks=[cb]).train()
@@ -205,3 +269,123 @@ def test_callback_installs_into_accelerated_optimizer_with_gradscaler():
     assert opt.step_was_skipped and cb.optimizer.num_steps == 1
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+# ------------------------------------------------------------------- checkpoints: SIGKILL at random points, then resume
+def _load_script():
+    spec = importlib.util.spec_from_file_location("kill_resume", SCRIPTS / "kill_resume.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fork(fn, *args, log: Path):
+    """Run ``fn(*args)`` in a forked child (imports are inherited, so no interpreter start-up); its stdout lines come
+    back through a pipe.  The child is a real process: SIGKILL stops it at an arbitrary instruction."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 0
+        try:
+            os.close(r)
+            sys.stdout = os.fdopen(w, "w", buffering=1)
+            fn(*args)
+        except BaseException:
+            log.write_text(traceback.format_exc())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, os.fdopen(r)
+
+
+def _run_until(pid, pipe, predicate=None):
+    """Read the child's lines; SIGKILL it at the first line matching ``predicate``.  Returns (lines, killed)."""
+    lines = []
+    for line in pipe:
+        lines.append(line.strip())
+        if predicate is not None and predicate(lines[-1]):
+            os.kill(pid, signal.SIGKILL)
+            break
+    pipe.close()
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+    assert killed or (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0), f"child failed, status {status}"
+    return lines, killed
+
+
+@pytest.mark.parametrize("augment_every", [1, 10])
+def test_sigkill_at_random_points_then_resume_equals_uninterrupted(tmp_path, augment_every):
+    """Checkpoints every 7 steps: with augment_every = 10 most of them, and so most resumes, fall inside an
+    interval (after its augmentation, before its truncation)."""
+    kr = _load_script()
+    total, every = 120, 7
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    log = tmp_path / "child.log"
+    _run_until(*_fork(kr.train, ref_dir, total, every, augment_every, log=log))
+    assert not log.exists(), log.read_text() if log.exists() else ""
+    rng = random.Random(int(os.environ.get("GEOLORA_KILL_SEED", "6")))
+    starts, kills = [], 0
+    for _ in range(4):
+        target = rng.randint(1, total - 1)
+        lines, killed = _run_until(
+            *_fork(kr.train, run_dir, total, every, augment_every, log=log),
+            lambda line, t=target: line.startswith("step") and int(line.split()[1]) >= t,
+        )
+        starts.append(int(lines[0].split()[1]))
+        kills += killed
+    lines, killed = _run_until(*_fork(kr.train, run_dir, total, every, augment_every, log=log))
+    assert not killed and not log.exists()
+    starts.append(int(lines[0].split()[1]))
+    assert kills >= 3 and max(starts) > 0, (kills, starts)  # really killed, really resumed from checkpoints
+    ref = json.loads((ref_dir / "result.json").read_text())
+    res = json.loads((run_dir / "result.json").read_text())
+    assert ref["start"] == 0 and res["start"] > 0 and res["num_steps"] == ref["num_steps"] == total
+    assert res["ranks"] == ref["ranks"]
+    assert res["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+
+
+# ------------------------------------------------------------------- the callback: a user's optimizer, several adapters
+def test_callback_keeps_a_user_optimizer_off_the_bases(tmp_path):
+    """The user hands the Trainer an AdamW with weight decay over ALL trainables (U and V included): the callback
+    wraps it, so the bases never get momentum or decay and stay orthonormal."""
+    from transformers import TrainerControl, TrainerState
+
+    model = two_layer(s_update="adam")
+    geolora.grow_capacity(model)
+    user_opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.5)
+
+    class AcceleratedLike:  # the interface of accelerate's AcceleratedOptimizer that the callback uses
+        def __init__(self, optimizer):
+            self.optimizer, self.scaler = optimizer, None
+
+        def step(self):
+            self.optimizer.step()
+
+        def zero_grad(self):
+            self.optimizer.zero_grad()
+
+    wrapped = AcceleratedLike(user_opt)
+    cb = geolora.GeoLoRACallback()
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    cb.on_train_begin(args, TrainerState(), TrainerControl(), model=model, optimizer=wrapped)
+    assert isinstance(wrapped.optimizer, geolora.GeoLoRAOptimizer)
+    for _ in range(5):
+        loss_of(model).backward()
+        wrapped.step()
+        wrapped.zero_grad()
+    for layer in geolora_layers(model).values():
+        assert not user_opt.state[layer.geolora_U["default"]] and not user_opt.state[layer.geolora_V["default"]]
+    check_invariants(model)
+
+
+def test_callback_refuses_two_trainable_adapters(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    model = two_layer()
+    model.add_adapter("other", geolora.GeoLoRAConfig(r=2, target_modules=["a", "b"]))
+    for layer in geolora_layers(model).values():
+        layer.geolora_S["other"].requires_grad_(True)
+    args = TrainingArguments(str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"Several GeoLoRA adapters are trainable at once \(\['default', 'other'\]\)"):
+        geolora.GeoLoRACallback().on_init_end(args, TrainerState(), TrainerControl(), model=model)

@@ -23,8 +23,16 @@ def test_compiled_static_shapes_do_not_recompile(augment_every):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = peft.get_peft_model(
-        Net(), geolora.GeoLoRAConfig(r=2, r_max=8, tau=0.05, target_modules=["a", "b"], static_shapes=True,
-                                     s_update="sgd", augment_every=augment_every)
+        Net(),
+        geolora.GeoLoRAConfig(
+            r=2,
+            r_max=8,
+            tau=0.05,
+            target_modules=["a", "b"],
+            static_shapes=True,
+            s_update="sgd",
+            augment_every=augment_every,
+        ),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.5)
     X, y = torch.randn(32, 10), torch.randint(0, 3, (32,))

@@ -15,6 +15,8 @@ import torch
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_train.py"
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # multi-process / end to end: `make test-fast` leaves it out
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
 
 
@@ -29,15 +31,31 @@ def _run(mode, out, augment_every):
     if mode == "reference":
         cmd = [sys.executable, str(SCRIPT), mode, str(out), str(augment_every)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), str(SCRIPT), mode, str(out), str(augment_every)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(SCRIPT),
+            mode,
+            str(out),
+            str(augment_every),
+        ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
 
 def _deltas(factors):
-    return {k.replace(".geolora_U.", "."): factors[k] @ factors[k.replace("geolora_U", "geolora_S")]
-            @ factors[k.replace("geolora_U", "geolora_V")].T for k in factors if ".geolora_U." in k}
+    return {
+        k.replace(".geolora_U.", "."): factors[k]
+        @ factors[k.replace("geolora_U", "geolora_S")]
+        @ factors[k.replace("geolora_U", "geolora_V")].T
+        for k in factors
+        if ".geolora_U." in k
+    }
 
 
 @pytest.mark.parametrize("augment_every", [1, 2])
@@ -55,8 +73,9 @@ def test_fsdp2_step_equals_the_unsharded_step_and_processes_agree(augment_every,
     for losses in (a["losses"], b["losses"]):
         assert len(losses) == len(ref["losses"])
     # the processes' half-batch losses average to the whole-batch loss
-    torch.testing.assert_close(torch.tensor(a["losses"]) / 2 + torch.tensor(b["losses"]) / 2,
-                               torch.tensor(ref["losses"]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(a["losses"]) / 2 + torch.tensor(b["losses"]) / 2, torch.tensor(ref["losses"]), rtol=0, atol=1e-5
+    )
     da, dr = _deltas(a["factors"]), _deltas(ref["factors"])
     assert da.keys() == dr.keys() and len(da) == 14
     for k in da:
@@ -70,8 +89,17 @@ def test_fsdp2_step_equals_the_unsharded_step_and_processes_agree(augment_every,
 
     def base():
         torch.manual_seed(0)
-        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=32,
+            )
+        )
 
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

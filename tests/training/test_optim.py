@@ -1,20 +1,27 @@
 """The step driver (the optimizer's orchestration): parity with an independent float64 reference of Algorithm 1,
-invariants, rank recovery, inf/NaN skipping, GradScaler, schedulers, accumulation and checkpointing.  The step's math
-on its own (the integrator's functions) is tested in test_integrator.py."""
+invariants, rank recovery, inf/NaN skipping (fp32, bf16 autocast, fp16 GradScaler), schedulers, accumulation and
+checkpointing, the step's edge cases (degenerate gradients and ranks, extreme learning rates, a property-based driver)
+and long runs (10000 fp32 steps, bf16 against fp32).  The step's math on its own (the integrator's functions) is
+tested in test_integrator.py."""
 
 import ast
 import copy
 import logging
+import math
+import time
 from pathlib import Path
 
 import peft
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import geolora
 from geolora.integrator import orthonormality_error
 from tests.reference import basis_free_step, reference_step
+from tests.training._helpers import TwoLayer, check_invariants, geolora_layers, loss_of, two_layer
 
 
 class OneLayer(nn.Module):
@@ -24,17 +31,6 @@ class OneLayer(nn.Module):
 
     def forward(self, x):
         return self.lin(x)
-
-
-class TwoLayer(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Linear(10, 16)
-        self.b = nn.Linear(16, 12)
-        self.head = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
 def _layer(model, name="lin"):
@@ -54,8 +50,17 @@ def _make(r=3, r_max=6, tau=0.1, s_update="sgd", dtype=torch.float64, seed=0, ra
     kw.setdefault("augment_every", 1)
     torch.manual_seed(seed)
     model = peft.get_peft_model(
-        OneLayer(), geolora.GeoLoRAConfig(r=r, r_max=r_max, tau=tau, lora_alpha=2 * r, target_modules=["lin"],
-                                          s_update=s_update, init_weights=not random_S, **kw)
+        OneLayer(),
+        geolora.GeoLoRAConfig(
+            r=r,
+            r_max=r_max,
+            tau=tau,
+            lora_alpha=2 * r,
+            target_modules=["lin"],
+            s_update=s_update,
+            init_weights=not random_S,
+            **kw,
+        ),
     )
     return model.to(dtype)
 
@@ -103,8 +108,10 @@ def test_rank_recovery_sgd(r0):
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=r0, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="sgd",
-                                    augment_every=1)
+        base,
+        geolora.GeoLoRAConfig(
+            r=r0, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="sgd", augment_every=1
+        ),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.2)
     X, Y = _synthetic()
@@ -123,8 +130,10 @@ def test_adam_s_update_trains_and_keeps_invariants():
     base = OneLayer()
     nn.init.zeros_(base.lin.weight)
     model = peft.get_peft_model(
-        base, geolora.GeoLoRAConfig(r=2, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="adam",
-                                    augment_every=1)
+        base,
+        geolora.GeoLoRAConfig(
+            r=2, r_max=10, lora_alpha=10, tau=0.01, target_modules=["lin"], s_update="adam", augment_every=1
+        ),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.02)
     X, Y = _synthetic()
@@ -152,8 +161,9 @@ def test_orthonormality_2000_steps_and_zero_padding(s_update):
     torch.manual_seed(0)
     model = peft.get_peft_model(
         TwoLayer(),
-        geolora.GeoLoRAConfig(r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update, scale_by="r",
-                              augment_every=1),
+        geolora.GeoLoRAConfig(
+            r=3, r_max=8, tau=0.05, target_modules=["a", "b"], s_update=s_update, scale_by="r", augment_every=1
+        ),
     )
     opt = geolora.create_geolora_optimizer(model, lr=0.05 if s_update == "sgd" else 5e-3)
     gen = torch.Generator().manual_seed(1)
@@ -173,28 +183,6 @@ def test_orthonormality_2000_steps_and_zero_padding(s_update):
         assert layer.geolora_U["default"][:, k:].abs().sum().item() == 0
         assert layer.geolora_S["default"][k:, :].abs().sum().item() == 0
     assert len(seen) > 1  # ranks moved
-
-
-def test_nonfinite_gradient_skips_whole_step(caplog):
-    torch.manual_seed(0)
-    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"],
-                                                                  modules_to_save=["head"]))
-    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
-    X = torch.randn(8, 10)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model(X).sum().backward()
-    _layer(model, "b").geolora_V["default"].grad[0, 0] = float("nan")
-    with caplog.at_level(logging.WARNING, logger="geolora.optim"):
-        opt.step()
-    assert any("inf/NaN" in rec.message for rec in caplog.records)
-    for n, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[n]), n  # bit-identical, heads included
-    assert opt.skipped_steps == 1 and opt.num_steps == 0
-    opt.zero_grad()
-    model(X).sum().backward()
-    opt.step()  # training continues
-    assert opt.num_steps == 1
-    assert not torch.equal(_layer(model, "a").geolora_S["default"], before["base_model.model.a.geolora_S.default"])
 
 
 def _grads_run(model, opt, X, y, scaler=None, inject_inf=False):
@@ -232,8 +220,9 @@ def test_gradscaler_unscales_and_skips_inf():
 
 def test_lr_scheduler_moves_lambda_and_zero_lr_keeps_the_function():
     torch.manual_seed(0)
-    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, tau=0.0, target_modules=["a", "b"],
-                                                                  init_weights=False, s_update="sgd"))
+    model = peft.get_peft_model(
+        TwoLayer(), geolora.GeoLoRAConfig(r=3, tau=0.0, target_modules=["a", "b"], init_weights=False, s_update="sgd")
+    )
     opt = geolora.create_geolora_optimizer(model, lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
     X = torch.randn(8, 10)
@@ -250,8 +239,10 @@ def test_gradient_accumulation_equals_full_batch(augment_every, s_update):
     """Two accumulated half batches give the same steps as the full batch, over a whole interval (augment,
     coefficient step, truncate) when augment_every > 1."""
     torch.manual_seed(0)
-    m1 = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update=s_update,
-                                                               augment_every=augment_every))
+    m1 = peft.get_peft_model(
+        TwoLayer(),
+        geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], s_update=s_update, augment_every=augment_every),
+    )
     m2 = copy.deepcopy(m1)
     o1 = geolora.create_geolora_optimizer(m1, lr=0.1 if s_update == "sgd" else 1e-2)
     o2 = geolora.create_geolora_optimizer(m2, lr=0.1 if s_update == "sgd" else 1e-2)
@@ -280,8 +271,9 @@ def test_gradient_accumulation_equals_full_batch(augment_every, s_update):
 
 def test_clipping_and_fused_adamw():
     torch.manual_seed(0)
-    model = peft.get_peft_model(TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"],
-                                                                  modules_to_save=["head"]))
+    model = peft.get_peft_model(
+        TwoLayer(), geolora.GeoLoRAConfig(r=3, target_modules=["a", "b"], modules_to_save=["head"])
+    )
     opt = geolora.create_geolora_optimizer(model, torch.optim.AdamW, lr=1e-2, fused=True)
     X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
     for _ in range(5):
@@ -358,8 +350,8 @@ def test_global_rank_budget():
     checked against σ computed independently from the layers' inputs and output gradients."""
     torch.manual_seed(0)
     model = peft.get_peft_model(
-        TwoLayer(), geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd",
-                                          augment_every=1),
+        TwoLayer(),
+        geolora.GeoLoRAConfig(r=4, r_max=8, target_modules=["a", "b"], rank_budget=5, s_update="sgd", augment_every=1),
     ).to(torch.float64)
     lr = 0.1
     opt = geolora.create_geolora_optimizer(model, torch.optim.SGD, lr=lr)
@@ -473,6 +465,7 @@ def test_adam_layer_keeps_the_gradient_spectrum_where_adam_flattens_it():
     """From S = 0, one step of "adam_layer" is the SGD step scaled by ONE number per layer (its second moment is the
     layer's mean), so its singular values are proportional to SGD's (the directions keep their importance); per-entry
     "adam" divides every entry by its own |g| and gives another spectrum."""
+
     def one_step(s_update):
         model = _make(r=3, r_max=6, tau=0.0, s_update=s_update, random_S=False)
         layer = _layer(model)
@@ -583,6 +576,409 @@ def test_ramp_resumes_where_it_was():
     assert fresh.num_training_steps == 40 and fresh.current_tau == pytest.approx(opt.current_tau) == pytest.approx(0.12)
 
 
+# ----------------------------------------------------------------------- edge cases: non-finite gradients skip the step
+def _snapshot(model, opt):
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    state = copy.deepcopy(opt.state_dict())
+    return params, buffers, state
+
+
+def _assert_unchanged(model, opt, snap):
+    params, buffers, state = snap
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n]), n  # bit-identical
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+    now = opt.state_dict()
+    for pid, s in state["state"].items():
+        for k, v in s.items():
+            assert torch.equal(torch.as_tensor(now["state"][pid][k]), torch.as_tensor(v)), (pid, k)
+
+
+@pytest.mark.parametrize("factor", ["geolora_U", "geolora_S", "geolora_V", "head"])
+@pytest.mark.parametrize("where", [("a",), ("a", "b")])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nonfinite_gradient_anywhere_skips_the_whole_step(factor, where, value):
+    model = two_layer(s_update="adam")
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    loss_of(model).backward()
+    opt.step()  # one good step first, so AdamW and the GeoLoRA moments have state that must stay untouched
+    opt.zero_grad()
+    snap = _snapshot(model, opt)
+    loss_of(model).backward()
+    layers = geolora_layers(model)
+    if factor == "head":
+        head = [p for n, p in model.named_parameters() if "modules_to_save" in n and p.requires_grad][0]
+        head.grad.view(-1)[0] = value
+    else:
+        for name in where:
+            getattr(layers[name], factor)["default"].grad.view(-1)[-1] = value
+    opt.step()
+    _assert_unchanged(model, opt, snap)
+    assert (opt.num_steps, opt.skipped_steps) == (1, 1)
+    opt.zero_grad()
+    loss_of(model).backward()
+    opt.step()  # training continues
+    assert (opt.num_steps, opt.skipped_steps) == (2, 1)
+    assert not torch.equal(layers["a"].geolora_S["default"], snap[0]["base_model.model.a.geolora_S.default"])
+    check_invariants(model)
+
+
+def test_nonfinite_gradient_under_bf16_autocast():
+    model = two_layer()
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    snap = _snapshot(model, opt)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(model)
+    loss.backward()
+    geolora_layers(model)["b"].geolora_S["default"].grad[0, 0] = math.nan
+    opt.step()
+    _assert_unchanged(model, opt, snap)
+    opt.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_of(model)
+    loss.backward()
+    opt.step()
+    assert (opt.num_steps, opt.skipped_steps) == (1, 1)
+    check_invariants(model)
+
+
+def test_fp16_gradscaler_nonfinite_before_and_after_unscale():
+    """fp16 autocast + GradScaler on CPU.  Before unscale the scaler itself skips; a NaN that appears after
+    ``scaler.unscale_`` (e.g. produced by user code between unscale and step) is caught by GeoLoRA's own check."""
+    model = two_layer()
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    layers = geolora_layers(model)
+
+    def scaled_backward():
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = loss_of(model)
+        scaler.scale(loss).backward()
+
+    snap = _snapshot(model, opt)
+    scaled_backward()
+    layers["a"].geolora_U["default"].grad[0, 0] = math.inf  # scaled gradient overflow
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    _assert_unchanged(model, opt, snap)
+    assert scaler.get_scale() == 2.0**7
+
+    scaled_backward()
+    scaler.unscale_(opt)
+    layers["b"].geolora_V["default"].grad[0, 0] = math.nan  # after the scaler's inf check
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    _assert_unchanged(model, opt, snap)
+    assert opt.skipped_steps == 1
+
+    scaled_backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.num_steps == 1
+    check_invariants(model)
+
+
+def test_skip_warning_once_per_occurrence_rate_limited(caplog, monkeypatch):
+    model = two_layer()
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    clock = iter([100.0, 101.0, 102.0, 130.0])
+    monkeypatch.setattr(geolora.optim.time, "monotonic", lambda: next(clock))
+    with caplog.at_level(logging.WARNING, logger="geolora.optim"):
+        for _ in range(4):
+            loss_of(model).backward()
+            geolora_layers(model)["a"].geolora_S["default"].grad[0, 0] = math.nan
+            opt.step()
+            opt.zero_grad()
+    warnings = [r.getMessage() for r in caplog.records if "inf/NaN" in r.getMessage()]
+    assert len(warnings) == 2  # at t=100 and t=130; the two in between are counted, not logged
+    assert "(2 more since the last warning)" in warnings[1]
+    assert opt.skipped_steps == 4 and opt.num_steps == 0
+
+
+# ---------------------------------------------------------------------------------------- edge cases: degenerate inputs
+# Defined results of degenerate inputs to GeoLoRAOptimizer.step (each checked below):
+#
+# * zero gradient: Algorithm 1 with G = 0, i.e. only the truncation of the current S: with tau = 0 the function and
+#   the rank stay unchanged; with tau > 0 small singular values of S are cut (never below r_min).
+# * gradient inside span(U) x span(V): the augmented directions carry zero coefficients, the rank does not grow,
+#   M_new = M - lr * G_M exactly (SGD, tau = 0).
+# * rank-deficient augmentation ([U, G_M V] of rank < 2r, e.g. a one-sample batch): the extra basis columns are still
+#   orthonormal and carry zero coefficients; the rank grows by at most rank(G_M); the result equals the float64
+#   reference of Algorithm 1.
+# * a layer never called in forward (no .grad): treated as a zero gradient.
+# * all singular values zero (S = 0, G = 0): the rank is kept, bases orthonormal, S = 0.
+# * r_min = r_max: the rank is fixed.  Capacity reached: the rank is capped at min(r_max, in, out).
+# * tiny lr: M changes by ~lr * ||G|| (nothing underflows to NaN).  Huge lr: S becomes huge but finite; once the
+#   model's loss or gradients overflow, every later step is skipped as non-finite; bases stay orthonormal, ranks in
+#   bounds.
+def _one(
+    r=3, r_max=6, r_min=1, tau=0.0, init_weights=False, s_update="sgd", n=10, m=12, dtype=torch.float64, augment_every=1
+):
+    torch.manual_seed(0)
+    cfg = geolora.GeoLoRAConfig(
+        r=r,
+        r_max=r_max,
+        r_min=r_min,
+        tau=tau,
+        lora_alpha=r_max,
+        target_modules=["lin"],
+        s_update=s_update,
+        init_weights=init_weights,
+        augment_every=augment_every,
+    )
+    model = peft.get_peft_model(OneLayer(n, m), cfg).to(dtype)
+    return model, geolora_layers(model)["lin"]
+
+
+def _M(layer):
+    k = layer.r["default"]
+    U, S, V = layer.geolora_U["default"][:, :k], layer.geolora_S["default"][:k, :k], layer.geolora_V["default"][:, :k]
+    return (U @ S @ V.T).detach().clone()
+
+
+def test_zero_gradient_keeps_function_and_rank_at_tau_0():
+    model, layer = _one()
+    opt = geolora.create_geolora_optimizer(model, lr=0.5)
+    M0, r0 = _M(layer), layer.r["default"]
+    (0.0 * model(torch.randn(4, 10, dtype=torch.float64)).sum()).backward()
+    opt.step()
+    assert layer.r["default"] == r0
+    torch.testing.assert_close(_M(layer), M0, rtol=0, atol=1e-12)
+    check_invariants(model, 1e-6)
+
+
+def test_gradient_inside_the_span_does_not_grow_the_rank():
+    model, layer = _one(tau=1e-8)  # tau = 0 would keep the numerically-zero singular values of the empty directions
+    opt = geolora.create_geolora_optimizer(model, lr=0.3)
+    geolora.grow_capacity(model)
+    k = layer.r["default"]
+    U, V = layer.geolora_U["default"][:, :k].detach(), layer.geolora_V["default"][:, :k].detach()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(8, k, generator=g, dtype=torch.float64) @ V.T  # rows in span(V)
+    C = torch.randn(8, k, generator=g, dtype=torch.float64) @ U.T  # dL/dy rows in span(U)
+    M0 = _M(layer)
+    (model(X) * C).sum().backward()
+    opt.step()
+    G_M = layer.scaling["default"] * C.T @ X
+    assert layer.r["default"] <= k
+    torch.testing.assert_close(_M(layer), M0 - 0.3 * G_M, rtol=0, atol=1e-6)  # U, V: fp32-exact orthonormal
+    check_invariants(model, 1e-6)
+
+
+def test_rank_deficient_augmentation_matches_reference():
+    model, layer = _one(r=3, r_max=8, tau=1e-8)
+    k = layer.r["default"]
+    U0, S0, V0 = (
+        t.detach().clone() for t in (layer.geolora_U["default"], layer.geolora_S["default"], layer.geolora_V["default"])
+    )
+    opt = geolora.create_geolora_optimizer(model, lr=0.4)
+    g = torch.Generator().manual_seed(2)
+    x, c = torch.randn(1, 10, generator=g, dtype=torch.float64), torch.randn(1, 12, generator=g, dtype=torch.float64)
+    (model(x) * c).sum().backward()  # one sample: G has rank 1, [U, G V] has rank r + 1 < 2r
+    opt.step()
+    G_M = layer.scaling["default"] * c.T @ x
+    Ur, Sr, Vr, r1 = reference_step(U0, S0, V0, G_M, 0.4, 1e-8, 1, 8)
+    assert layer.r["default"] <= k + 1
+    torch.testing.assert_close(_M(layer), Ur @ Sr @ Vr.T, rtol=0, atol=1e-6)
+    check_invariants(model, 1e-6)
+
+
+@pytest.mark.parametrize("s_update", ["sgd", "adam"])
+def test_layer_never_called_is_a_zero_gradient(s_update):
+    torch.manual_seed(0)
+    cfg = geolora.GeoLoRAConfig(r=3, r_max=6, r_min=2, target_modules=["a", "b", "unused"], s_update=s_update)
+    model = peft.get_peft_model(TwoLayer(unused=True), cfg)
+    opt = geolora.create_geolora_optimizer(model, lr=1e-2)
+    for _ in range(3):
+        loss_of(model).backward()
+        assert geolora_layers(model)["unused"].geolora_S["default"].grad is None
+        opt.step()
+        opt.zero_grad()
+    unused = geolora_layers(model)["unused"]
+    assert unused.r["default"] == 3  # S = 0 and G = 0: all singular values zero -> the rank is kept
+    assert unused.geolora_S["default"].abs().sum() == 0
+    assert opt.num_steps == 3 and opt.skipped_steps == 0
+    check_invariants(model)
+
+
+def test_all_singular_values_zero_or_denormal():
+    model, layer = _one(r=3, r_min=2, init_weights=True, dtype=torch.float32)
+    opt = geolora.create_geolora_optimizer(model, lr=0.1)
+    (0.0 * model(torch.randn(2, 10)).sum()).backward()
+    opt.step()  # S = 0, G = 0: nothing to rank, the rank is kept
+    assert layer.r["default"] == 3
+    check_invariants(model)
+    with torch.no_grad():
+        layer.geolora_S["default"][:2, :2] = torch.diag(torch.tensor([1e-41, 1e-44]))  # fp32 denormals
+    opt.zero_grad()
+    (0.0 * model(torch.randn(2, 10)).sum()).backward()
+    opt.step()
+    assert layer.r["default"] == 2
+    check_invariants(model)
+
+
+def test_r_min_equals_r_max_and_capacity_reached():
+    torch.manual_seed(0)
+    cfg = geolora.GeoLoRAConfig(r=3, r_max=3, r_min=3, tau=0.5, target_modules=["a"], s_update="sgd")
+    fixed = peft.get_peft_model(TwoLayer(), cfg)
+    opt = geolora.create_geolora_optimizer(fixed, lr=1.0)
+    for _ in range(4):
+        loss_of(fixed).backward()
+        opt.step()
+        opt.zero_grad()
+        assert geolora.get_ranks(fixed) == {"a": 3}
+    check_invariants(fixed)
+    # capacity: r_max above min(in, out) is capped; tau = 0 wants every direction
+    model, layer = _one(r=4, r_max=32, n=5, m=7, tau=0.0, dtype=torch.float32)
+    assert layer.r_max["default"] == 5
+    opt = geolora.create_geolora_optimizer(model, lr=1.0)
+    for _ in range(3):
+        model(torch.randn(16, 5)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert layer.r["default"] == 5 == layer.capacity("default")
+    check_invariants(model)
+
+
+@pytest.mark.parametrize("lr", [1e-30, 1e30])
+def test_extreme_learning_rates(lr):
+    model = two_layer()
+    opt = geolora.create_geolora_optimizer(model, lr=lr)
+    M0 = {n: _M(layer) for n, layer in geolora_layers(model).items()}
+    for _ in range(3):
+        loss_of(model).backward()
+        opt.step()
+        opt.zero_grad()
+    check_invariants(model)
+    if lr < 1:
+        for n, layer in geolora_layers(model).items():
+            torch.testing.assert_close(_M(layer), M0[n], rtol=0, atol=1e-20)
+    else:
+        assert opt.num_steps >= 1 and opt.num_steps + opt.skipped_steps == 3  # diverged: later steps skipped
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    n=st.integers(1, 7),
+    m=st.integers(1, 7),
+    data=st.data(),
+    tau=st.floats(0.0, 0.99),
+    log_lr=st.floats(-12, 8),
+    s_update=st.sampled_from(["sgd", "adam"]),
+    batch=st.integers(1, 3),
+    zero_grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_driver_end_to_end(n, m, data, tau, log_lr, s_update, batch, zero_grad, seed):
+    """GeoLoRAOptimizer on a tiny nn.Linear: any shape, rank bounds, tau and lr keep the invariants."""
+    r = data.draw(st.integers(1, 4))
+    r_max = data.draw(st.integers(r, 6))
+    r_min = data.draw(st.integers(1, r))
+    torch.manual_seed(seed)
+    cfg = geolora.GeoLoRAConfig(
+        r=r,
+        r_max=r_max,
+        r_min=r_min,
+        tau=tau,
+        target_modules=["lin"],
+        s_update=s_update,
+        init_weights=data.draw(st.booleans()),
+    )
+    model = peft.get_peft_model(OneLayer(n, m), cfg)
+    opt = geolora.create_geolora_optimizer(model, lr=10.0**log_lr)
+    layer = geolora_layers(model)["lin"]
+    for _ in range(2):
+        out = model(torch.randn(batch, n))
+        ((0.0 if zero_grad else 1.0) * out.pow(2).sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        k = layer.r["default"]
+        assert min(r_min, n, m) <= k <= min(r_max, n, m)
+    check_invariants(model, tol=1e-4)
+    assert opt.num_steps + opt.skipped_steps == 2
+
+
+# ------------------------------------------------------------------------------------------------------------ long runs
+class _SyntheticGradients:
+    """Writes the GeoLoRA directions of G_M = s * (M_scaled - W) + noise into .grad directly (what the layer's
+    backward writes for a squared loss), so a long run costs only the step."""
+
+    def __init__(self, layer, seed=0):
+        self.layer = layer
+        g = torch.Generator().manual_seed(seed)
+        self.W = torch.randn(layer.out_features, layer.in_features, generator=g)
+        self.noise = torch.randn(64, layer.out_features, layer.in_features, generator=g) * 0.05
+
+    def __call__(self, i):
+        a = "default"
+        L = self.layer
+        U, S, V = (p.detach().float() for p in (L.geolora_U[a], L.geolora_S[a], L.geolora_V[a]))
+        s = L.scaling[a]
+        G = s * (s * U @ S @ V.T - self.W) + self.noise[i % 64]
+        for p, d in ((L.geolora_U[a], G @ V), (L.geolora_V[a], G.T @ U), (L.geolora_S[a], U.T @ G @ V)):
+            p.grad = d.to(p.dtype)
+        return ((s * U @ S @ V.T - self.W) ** 2).sum().item()
+
+
+def test_10000_fp32_steps_stay_orthonormal():
+    model, layer = _one(r=2, r_max=4, tau=0.05, n=6, m=5, init_weights=True, dtype=torch.float32)
+    opt = geolora.create_geolora_optimizer(model, lr=0.05)
+    feed = _SyntheticGradients(layer)
+    worst, ranks, t0 = 0.0, set(), time.perf_counter()
+    for i in range(10_000):
+        feed(i)
+        opt.step()
+        opt.zero_grad()
+        if i % 1000 == 999:
+            k = layer.r["default"]
+            ranks.add(k)
+            worst = max(
+                worst,
+                orthonormality_error(layer.geolora_U["default"], k),
+                orthonormality_error(layer.geolora_V["default"], k),
+            )
+    elapsed = time.perf_counter() - t0
+    print(f"\n10000 fp32 steps: {elapsed:.1f} s, max|U^T U - I| = {worst:.2e}, ranks seen {sorted(ranks)}")
+    assert worst <= 1e-5
+    assert opt.num_steps == 10_000 and opt.skipped_steps == 0
+    check_invariants(model)
+
+
+def test_bf16_factors_stay_finite_and_close_to_fp32():
+    def run(dtype, steps=1000):
+        model, layer = _one(r=2, r_max=4, tau=0.05, n=6, m=5, init_weights=True, dtype=torch.float32)
+        if dtype is not torch.float32:
+            model.to(dtype)
+            for name in ("geolora_U", "geolora_S", "geolora_V"):  # the layer keeps fp32 factors: force them
+                params = getattr(layer, name)
+                params["default"] = nn.Parameter(params["default"].detach().to(dtype))
+        opt = geolora.create_geolora_optimizer(model, lr=0.05)
+        feed = _SyntheticGradients(layer)
+        losses = []
+        for i in range(steps):
+            losses.append(feed(i))
+            opt.step()
+            opt.zero_grad()
+        k = layer.r["default"]
+        assert layer.geolora_U["default"].dtype == dtype
+        return _M(layer).float() * layer.scaling["default"], losses, orthonormality_error(layer.geolora_U["default"], k)
+
+    M32, loss32, orth32 = run(torch.float32)
+    M16, loss16, orth16 = run(torch.bfloat16)
+    assert all(math.isfinite(v) for v in loss16) and torch.isfinite(M16).all()
+    rel = ((M16 - M32).norm() / M32.norm()).item()
+    loss_gap = abs(loss16[-1] - loss32[-1]) / loss32[-1]
+    print(
+        f"\nbf16 vs fp32 after 1000 steps: rel ||dM|| = {rel:.2e}, loss {loss16[-1]:.4f} vs {loss32[-1]:.4f} "
+        f"(rel {loss_gap:.2e}), max|U^T U - I| bf16 {orth16:.1e} fp32 {orth32:.1e}"
+    )
+    assert rel < 0.05 and loss_gap < 0.05
+    assert orth16 < 2e-2
+
 
 # ---------------------------------------------------------------------------------------------------- module shape
 
@@ -597,7 +993,9 @@ def test_the_optimizer_marks_itself_and_imports_at_the_top_only():
         tree = ast.parse(Path(module.__file__).read_text())
         nested = [
             (module.__name__, inner.lineno)
-            for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            for inner in ast.walk(node) if isinstance(inner, (ast.Import, ast.ImportFrom))
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            for inner in ast.walk(node)
+            if isinstance(inner, (ast.Import, ast.ImportFrom))
         ]
         assert not nested, nested

@@ -72,15 +72,25 @@ def _max_basis_error(model):
 
 def _bert(dtype=torch.float32):
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, num_labels=2)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=2
+    )
     return BertForSequenceClassification(cfg).to(dtype)
 
 
 def _bert_model(dtype=torch.float32, autocast=True):
-    return peft.get_peft_model(_bert(dtype), geolora.GeoLoRAConfig(
-        r=4, r_max=8, tau=0.3, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"),
-        autocast_adapter_dtype=autocast)
+    return peft.get_peft_model(
+        _bert(dtype),
+        geolora.GeoLoRAConfig(
+            r=4,
+            r_max=8,
+            tau=0.3,
+            target_modules=["query", "value"],
+            modules_to_save=["classifier"],
+            task_type="SEQ_CLS",
+        ),
+        autocast_adapter_dtype=autocast,
+    )
 
 
 def _data(n=64):
@@ -90,8 +100,17 @@ def _data(n=64):
 
 
 def _args(out, max_steps):
-    return TrainingArguments(str(out), per_device_train_batch_size=8, max_steps=max_steps, learning_rate=5e-2,
-                             report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0)
+    return TrainingArguments(
+        str(out),
+        per_device_train_batch_size=8,
+        max_steps=max_steps,
+        learning_rate=5e-2,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+    )
 
 
 def _files(folder):
@@ -235,9 +254,7 @@ def test_bf16_factors_trained_by_geolora_save_and_resave_in_float32(tmp_path):
         error = _max_basis_error(model)
         assert 1e-3 < error < 5e-2, error  # bf16-level: above the float32 tolerance, inside the bf16 one
         model.save_pretrained(tmp_path / "bf16")
-        loaded = peft.PeftModel.from_pretrained(
-            _bert(torch.bfloat16), str(tmp_path / "bf16"), is_trainable=True
-        )
+        loaded = peft.PeftModel.from_pretrained(_bert(torch.bfloat16), str(tmp_path / "bf16"), is_trainable=True)
         assert {layer.geolora_U["default"].dtype for layer in _layers(loaded)} == {torch.float32}
         assert _max_basis_error(loaded) > 1e-3
         loaded.save_pretrained(tmp_path / "fp32")

@@ -26,8 +26,10 @@ def _target(rank: int, seed: int) -> torch.Tensor:
 
 def _model(r0: int, total_steps=None, lr=LR, **config):
     torch.manual_seed(0)
-    model = peft.get_peft_model(nn.Sequential(nn.Linear(32, 40, bias=False)),
-                                geolora.GeoLoRAConfig(r=r0, r_max=16, target_modules=["0"], **config))
+    model = peft.get_peft_model(
+        nn.Sequential(nn.Linear(32, 40, bias=False)),
+        geolora.GeoLoRAConfig(r=r0, r_max=16, target_modules=["0"], **config),
+    )
     opt = geolora.create_geolora_optimizer(model, lr=lr, num_training_steps=total_steps)
     layer = next(m for m in model.modules() if isinstance(m, geolora.GeoLoRALayer))
     return model, opt, layer
@@ -58,10 +60,16 @@ def test_synthetic_rank_recovery_at_the_defaults(s_update, r0):
     assert first / last >= 100, (first, last)
 
 
-@pytest.mark.parametrize("s_update, r0, phases", [
-    ("adam", 1, (2, 5)), ("adam", 12, (5, 2)),
-    ("adam_layer", 1, (2, 5)), ("adam_layer", 12, (5, 2)),
-], ids=["adam-grow", "adam-shrink", "adam_layer-grow", "adam_layer-shrink"])
+@pytest.mark.parametrize(
+    "s_update, r0, phases",
+    [
+        ("adam", 1, (2, 5)),
+        ("adam", 12, (5, 2)),
+        ("adam_layer", 1, (2, 5)),
+        ("adam_layer", 12, (5, 2)),
+    ],
+    ids=["adam-grow", "adam-shrink", "adam_layer-grow", "adam_layer-shrink"],
+)
 def test_ranks_follow_the_task_after_the_warm_up(s_update, r0, phases):
     """The task changes after 1,000 steps (a new target of another rank): the rank must move to it, up or down, and
     fit it (loss down >= 100x within the phase); a rank that froze once it settled fails.  At lr 2e-2: adam_layer's
@@ -93,8 +101,10 @@ def test_the_initial_rank_only_sets_where_a_layer_starts(s_update="adam_layer"):
     finals = []
     for r0 in (1, 2, 8, 12):
         torch.manual_seed(0)
-        model = peft.get_peft_model(nn.Sequential(nn.Linear(32, 40, bias=False)),
-                                    geolora.GeoLoRAConfig(r=r0, r_max=16, target_modules=["0"], s_update=s_update))
+        model = peft.get_peft_model(
+            nn.Sequential(nn.Linear(32, 40, bias=False)),
+            geolora.GeoLoRAConfig(r=r0, r_max=16, target_modules=["0"], s_update=s_update),
+        )
         opt = geolora.create_geolora_optimizer(model, lr=LR, num_training_steps=1500)
         layer = next(m for m in model.modules() if isinstance(m, geolora.GeoLoRALayer))
         first, last = _train(model, opt, layer, _target(5, 0), 1500, torch.Generator().manual_seed(0))

@@ -48,8 +48,16 @@ def host_reads(monkeypatch):
 def test_one_host_read_per_step(host_reads, kw, augment_every):
     torch.manual_seed(0)
     model = peft.get_peft_model(
-        Net(), geolora.GeoLoRAConfig(r=3, r_max=6, tau=0.05, target_modules=["a", "b", "c"], modules_to_save=["head"],
-                                     augment_every=augment_every, **kw)
+        Net(),
+        geolora.GeoLoRAConfig(
+            r=3,
+            r_max=6,
+            tau=0.05,
+            target_modules=["a", "b", "c"],
+            modules_to_save=["head"],
+            augment_every=augment_every,
+            **kw,
+        ),
     )
     opt = geolora.create_geolora_optimizer(model, lr=1e-2, weight_decay=0.01)
     X, y = torch.randn(16, 10), torch.randint(0, 3, (16,))

@@ -25,10 +25,15 @@ LR = 1e-2
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                     vocab_size=100, num_labels=2)
-    return peft.get_peft_model(BertForSequenceClassification(cfg), geolora.GeoLoRAConfig(
-        r=2, r_max=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"))
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100, num_labels=2
+    )
+    return peft.get_peft_model(
+        BertForSequenceClassification(cfg),
+        geolora.GeoLoRAConfig(
+            r=2, r_max=4, target_modules=["query", "value"], modules_to_save=["classifier"], task_type="SEQ_CLS"
+        ),
+    )
 
 
 def _data(n=64):
@@ -81,8 +86,18 @@ class _RecordLR(TrainerCallback):
 
 def _args(out, **kw):
     kw.setdefault("learning_rate", LR)
-    return TrainingArguments(str(out), per_device_train_batch_size=8, max_steps=STEPS, report_to=[], use_cpu=True,
-                             disable_tqdm=True, save_strategy="no", logging_steps=100, seed=0, **kw)
+    return TrainingArguments(
+        str(out),
+        per_device_train_batch_size=8,
+        max_steps=STEPS,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        logging_steps=100,
+        seed=0,
+        **kw,
+    )
 
 
 def _check(model, before, scheduled, read, warmup_from_zero):
@@ -99,8 +114,9 @@ def test_callback_alone(tmp_path, read_lrs, warmup_from_zero):
     before = _S(model)
     rec = _RecordLR()
     kw = {"warmup_steps": 2, "lr_scheduler_type": "linear"} if warmup_from_zero else {"lr_scheduler_type": "constant"}
-    Trainer(model=model, args=_args(tmp_path, **kw), train_dataset=_data(),
-            callbacks=[geolora.GeoLoRACallback(), rec]).train()
+    Trainer(
+        model=model, args=_args(tmp_path, **kw), train_dataset=_data(), callbacks=[geolora.GeoLoRACallback(), rec]
+    ).train()
     _check(model, before, rec.lrs, read_lrs, warmup_from_zero)
 
 
@@ -108,8 +124,9 @@ def test_callback_alone(tmp_path, read_lrs, warmup_from_zero):
 @pytest.mark.parametrize("s_update", ["adam", "sgd"])
 def test_callback_with_explicit_optimizer(tmp_path, read_lrs, scheduler, s_update):
     model = _model()
-    opt = geolora.create_geolora_optimizer(model, lr=LR, geolora_lr=LR if s_update == "adam" else 1.0,
-                                           s_update=s_update)
+    opt = geolora.create_geolora_optimizer(
+        model, lr=LR, geolora_lr=LR if s_update == "adam" else 1.0, s_update=s_update
+    )
     if scheduler == "warmup-from-0":
         sched = transformers.get_linear_schedule_with_warmup(opt, 2, STEPS)
     elif scheduler == "warmup-from-positive":
@@ -118,8 +135,13 @@ def test_callback_with_explicit_optimizer(tmp_path, read_lrs, scheduler, s_updat
         sched = None  # the Trainer builds its own (linear decay) on this optimizer
     before = _S(model)
     rec = _RecordLR()
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), optimizers=(opt, sched),
-            callbacks=[geolora.GeoLoRACallback(), rec]).train()
+    Trainer(
+        model=model,
+        args=_args(tmp_path),
+        train_dataset=_data(),
+        optimizers=(opt, sched),
+        callbacks=[geolora.GeoLoRACallback(), rec],
+    ).train()
     _check(model, before, rec.lrs, read_lrs, scheduler == "warmup-from-0")
     if sched is None:
         assert read_lrs[-1] < read_lrs[0]  # the Trainer's decay reached the step
@@ -131,8 +153,7 @@ def test_trainer_optimizers_without_callback(tmp_path, read_lrs):
     sched = transformers.get_linear_schedule_with_warmup(opt, 2, STEPS)
     before = _S(model)
     rec = _RecordLR()
-    Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), optimizers=(opt, sched),
-            callbacks=[rec]).train()
+    Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), optimizers=(opt, sched), callbacks=[rec]).train()
     _check(model, before, rec.lrs, read_lrs, True)
     assert opt.num_steps == STEPS
 

@@ -31,12 +31,22 @@ def assets(tmp_path_factory):
     vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>", *WORDS])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=1, bos_token_id=2, eos_token_id=3)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     fast.save_pretrained(root / "model")
     gen = torch.Generator().manual_seed(0)
@@ -60,10 +70,29 @@ def _logits(model, ids):
 )
 def test_sft_with_geolora_trains_saves_reloads_and_exports(flags, assets, tmp_path):
     out, lora = tmp_path / "adapter", tmp_path / "lora"
-    args = sft_trl.build_parser().parse_args([
-        "--model", str(assets / "model"), "--data", str(assets / "train.jsonl"), "--output-dir", str(out),
-        "--max-steps", "8", "--batch-size", "4", "--max-length", "32", "--r", "2", "--r-max", "8",
-        "--export-lora", str(lora), *flags])
+    args = sft_trl.build_parser().parse_args(
+        [
+            "--model",
+            str(assets / "model"),
+            "--data",
+            str(assets / "train.jsonl"),
+            "--output-dir",
+            str(out),
+            "--max-steps",
+            "8",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "32",
+            "--r",
+            "2",
+            "--r-max",
+            "8",
+            "--export-lora",
+            str(lora),
+            *flags,
+        ]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = sft_trl.run(args)

@@ -34,7 +34,12 @@ def test_parameter_budget_is_never_exceeded_in_training_or_in_the_saved_adapter(
     judged, so the budget holds after each interval's last step and after ``finish_interval`` (what is saved)."""
     torch.manual_seed(0)
     config = geolora.GeoLoRAConfig(
-        r=4, r_max=8, target_modules=["a", "b"], rank_budget=BUDGET, budget_type="params", s_update="sgd",
+        r=4,
+        r_max=8,
+        target_modules=["a", "b"],
+        rank_budget=BUDGET,
+        budget_type="params",
+        s_update="sgd",
         augment_every=augment_every,
     )
     model = peft.get_peft_model(Net(), config)

@@ -184,14 +184,19 @@ def test_parameter_budget_charges_the_marginal_cost_of_each_rank_float64():
     assert [x.tolist() for x in flat] == [[3, 2], [3]]
     gen = torch.Generator().manual_seed(0)
     for budget in (100, 122, 150, 171, 200, 250, 300, 400):  # the forced ranks cost 122
-        sig = [torch.sort(torch.rand(3, 5, generator=gen, dtype=torch.float64), descending=True).values,
-               torch.sort(torch.rand(2, 4, generator=gen, dtype=torch.float64), descending=True).values]
+        sig = [
+            torch.sort(torch.rand(3, 5, generator=gen, dtype=torch.float64), descending=True).values,
+            torch.sort(torch.rand(2, 4, generator=gen, dtype=torch.float64), descending=True).values,
+        ]
         rows = [row for s in sig for row in s.tolist()]
         firsts = [23, 23, 23, 14, 14]
         mins, maxs = [1, 2, 1, 1, 1], [5, 4, 3, 4, 2]
         got = I.budget_truncation_ranks(
-            sig, [torch.tensor(23), torch.tensor(14)], budget,
-            [torch.tensor([1, 2, 1]), torch.tensor([1, 1])], [torch.tensor([5, 4, 3]), torch.tensor([4, 2])],
+            sig,
+            [torch.tensor(23), torch.tensor(14)],
+            budget,
+            [torch.tensor([1, 2, 1]), torch.tensor([1, 1])],
+            [torch.tensor([5, 4, 3]), torch.tensor([4, 2])],
             cost_growth=2.0,
         )
         expected, spent = _greedy_budget_reference(rows, firsts, 2, budget, mins, maxs)
@@ -284,8 +289,9 @@ def test_sgd_coefficients_are_the_block_formula_of_algorithm_1(seed):
         one = I.augmented_coefficients(S[b : b + 1], G_aug[b : b + 1], lam)  # one Python float for the batch
         torch.testing.assert_close(one[0], expected, rtol=0, atol=1e-12)
     gS = U.transpose(1, 2) @ G @ V  # (B, c, c)
-    torch.testing.assert_close(I.augmented_coefficients(S, gS, per_item), S - per_item[:, None, None] * gS,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        I.augmented_coefficients(S, gS, per_item), S - per_item[:, None, None] * gS, rtol=0, atol=0
+    )
 
 
 def _reference_adam(S, G, Ub, Vb, moments, lrs, wds, betas, eps, capacity, per_layer, plain_new, history):
@@ -306,10 +312,24 @@ def _reference_adam(S, G, Ub, Vb, moments, lrs, wds, betas, eps, capacity, per_l
         else:
             h = int(history[b])
             old_rows, old_cols = [i < h for i in range(kU)], [j < h for j in range(kV)]
-        m_prev = [[float(moments.exp_avg[b, i, j]) if i < moments.exp_avg.shape[1] and j < moments.exp_avg.shape[2]
-                   else 0.0 for j in range(kV)] for i in range(kU)]
-        v_prev = [[float(moments.exp_avg_sq[b, i, j]) if i < moments.exp_avg.shape[1] and j < moments.exp_avg.shape[2]
-                   else 0.0 for j in range(kV)] for i in range(kU)]
+        m_prev = [
+            [
+                float(moments.exp_avg[b, i, j])
+                if i < moments.exp_avg.shape[1] and j < moments.exp_avg.shape[2]
+                else 0.0
+                for j in range(kV)
+            ]
+            for i in range(kU)
+        ]
+        v_prev = [
+            [
+                float(moments.exp_avg_sq[b, i, j])
+                if i < moments.exp_avg.shape[1] and j < moments.exp_avg.shape[2]
+                else 0.0
+                for j in range(kV)
+            ]
+            for i in range(kU)
+        ]
         old = [[old_rows[i] and old_cols[j] for j in range(kV)] for i in range(kU)]
         cells = list(itertools.product(range(kU), range(kV)))
         m, v = {}, {}
@@ -332,10 +352,14 @@ def _reference_adam(S, G, Ub, Vb, moments, lrs, wds, betas, eps, capacity, per_l
             else:
                 m[i, j], v[i, j] = gij * bc1, max(v_bar, gij * gij) * bc2
         if per_layer:
-            has_grad = [Ub.is_old[b, i] or Ub.is_new[b, i] for i in range(kU)], [Vb.is_old[b, j] or Vb.is_new[b, j]
-                                                                                   for j in range(kV)]
-            live = {(i, j): bool(has_grad[0][i] and has_grad[1][j] and not (Ub.is_new[b, i] and Vb.is_new[b, j]))
-                    for i, j in cells}
+            has_grad = (
+                [Ub.is_old[b, i] or Ub.is_new[b, i] for i in range(kU)],
+                [Vb.is_old[b, j] or Vb.is_new[b, j] for j in range(kV)],
+            )
+            live = {
+                (i, j): bool(has_grad[0][i] and has_grad[1][j] and not (Ub.is_new[b, i] and Vb.is_new[b, j]))
+                for i, j in cells
+            }
             v_layer = sum(v[cell] for cell in cells if live[cell]) / c
         for i, j in cells:
             if per_layer:
@@ -357,31 +381,71 @@ def test_adam_coefficients_match_a_hand_written_float64_formula(per_layer, plain
     B, kU, kV = G_aug.shape
     cap = 4
     # moments with history at the capacity (cropped or padded to the augmented shape inside), different step counts
-    moments = I.Moments(torch.randn(B, cap, cap, generator=gen, dtype=torch.float64),
-                        torch.rand(B, cap, cap, generator=gen, dtype=torch.float64),
-                        torch.tensor([0.0, 3.0, 11.0], dtype=torch.float64))
+    moments = I.Moments(
+        torch.randn(B, cap, cap, generator=gen, dtype=torch.float64),
+        torch.rand(B, cap, cap, generator=gen, dtype=torch.float64),
+        torch.tensor([0.0, 3.0, 11.0], dtype=torch.float64),
+    )
     hist = torch.clamp(ranks - 1, min=0) if history else None  # e.g. probes: fewer coefficients with history
     if plain_new:  # an entry whose gradient is rounding noise next to the item's largest, outside the old block
         G_aug = G_aug.clone()
         G_aug[2, 0, 5] = 1e-9 * G_aug[2].abs().max()
     lrs, wds = [0.05, 0.2, 0.01], [0.0, 0.1, 0.3]
     betas, eps = (0.85, 0.99), 1e-6
-    expected_S, expected = _reference_adam(S, G_aug, Ub, Vb, moments, lrs, wds, betas, eps, cap, per_layer,
-                                           plain_new, hist)
-    got_S, got = I.adam_coefficients(S, G_aug, Ub, Vb, moments, torch.tensor(lrs, dtype=torch.float64),
-                                     torch.tensor(wds, dtype=torch.float64), betas=betas, eps=eps, capacity=cap,
-                                     per_layer=per_layer, plain_new=plain_new, history=hist)
+    expected_S, expected = _reference_adam(
+        S, G_aug, Ub, Vb, moments, lrs, wds, betas, eps, cap, per_layer, plain_new, hist
+    )
+    got_S, got = I.adam_coefficients(
+        S,
+        G_aug,
+        Ub,
+        Vb,
+        moments,
+        torch.tensor(lrs, dtype=torch.float64),
+        torch.tensor(wds, dtype=torch.float64),
+        betas=betas,
+        eps=eps,
+        capacity=cap,
+        per_layer=per_layer,
+        plain_new=plain_new,
+        history=hist,
+    )
     torch.testing.assert_close(got_S, expected_S, rtol=1e-12, atol=1e-13)
     for x, y in zip(got, expected):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-13)
     if plain_new:
         assert got.exp_avg[2, 0, 5] == got.exp_avg_sq[2, 0, 5] == 0 and got_S[2, 0, 5] == 0  # the noise stays 0
     # one Python float λ and weight decay for the whole batch: the same as a tensor of equal values
-    one_S, one = I.adam_coefficients(S, G_aug, Ub, Vb, moments, 0.2, 0.1, betas=betas, eps=eps, capacity=cap,
-                                     per_layer=per_layer, plain_new=plain_new, history=hist)
-    ref_S, ref = I.adam_coefficients(S, G_aug, Ub, Vb, moments, torch.full((B, 1, 1), 0.2, dtype=torch.float64),
-                                     torch.full((B,), 0.1, dtype=torch.float64), betas=betas, eps=eps, capacity=cap,
-                                     per_layer=per_layer, plain_new=plain_new, history=hist)
+    one_S, one = I.adam_coefficients(
+        S,
+        G_aug,
+        Ub,
+        Vb,
+        moments,
+        0.2,
+        0.1,
+        betas=betas,
+        eps=eps,
+        capacity=cap,
+        per_layer=per_layer,
+        plain_new=plain_new,
+        history=hist,
+    )
+    ref_S, ref = I.adam_coefficients(
+        S,
+        G_aug,
+        Ub,
+        Vb,
+        moments,
+        torch.full((B, 1, 1), 0.2, dtype=torch.float64),
+        torch.full((B,), 0.1, dtype=torch.float64),
+        betas=betas,
+        eps=eps,
+        capacity=cap,
+        per_layer=per_layer,
+        plain_new=plain_new,
+        history=hist,
+    )
     torch.testing.assert_close(one_S, ref_S, rtol=0, atol=1e-15)
 
 
@@ -413,9 +477,19 @@ def test_adam_layer_step_does_not_grow_with_the_live_rank():
         G = torch.zeros(1, rank, rank, dtype=torch.float64)
         G[0, 0, 0] = 0.5
         S = torch.zeros_like(G)
-        S_new, _ = I.adam_coefficients(S, G, I.fixed_basis(U, live), I.fixed_basis(V, live),
-                                       I.zero_moments(1, 8, 8, torch.float64), 0.1, 0.0, betas=cfg.adam_betas,
-                                       eps=cfg.adam_eps, capacity=8, per_layer=True)
+        S_new, _ = I.adam_coefficients(
+            S,
+            G,
+            I.fixed_basis(U, live),
+            I.fixed_basis(V, live),
+            I.zero_moments(1, 8, 8, torch.float64),
+            0.1,
+            0.0,
+            betas=cfg.adam_betas,
+            eps=cfg.adam_eps,
+            capacity=8,
+            per_layer=True,
+        )
         steps.append(float(S_new[0, 0, 0]))
     assert steps[0] == pytest.approx(steps[1], rel=1e-9) and steps[0] < 0, steps
 
@@ -453,12 +527,19 @@ def test_moments_rotated_into_a_basis_of_the_same_span_and_back_are_recovered(se
     B, m_dim, n_dim, k = 2, 9, 8, 4
     Ub = torch.stack([_orthonormal(m_dim, k, gen) for _ in range(B)])
     Vb = torch.stack([_orthonormal(n_dim, k, gen) for _ in range(B)])
-    moments = I.Moments(torch.randn(B, k, k, generator=gen, dtype=torch.float64),
-                        torch.rand(B, k, k, generator=gen, dtype=torch.float64), torch.ones(B, dtype=torch.float64))
+    moments = I.Moments(
+        torch.randn(B, k, k, generator=gen, dtype=torch.float64),
+        torch.rand(B, k, k, generator=gen, dtype=torch.float64),
+        torch.ones(B, dtype=torch.float64),
+    )
     P, Q = _random_orthogonal(B, k, gen), _random_orthogonal(B, k, gen)
     rotated = I.rotate_moments(moments, P, Q)
-    torch.testing.assert_close((Ub @ P) @ rotated.exp_avg @ (Vb @ Q).transpose(1, 2),
-                               Ub @ moments.exp_avg @ Vb.transpose(1, 2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        (Ub @ P) @ rotated.exp_avg @ (Vb @ Q).transpose(1, 2),
+        Ub @ moments.exp_avg @ Vb.transpose(1, 2),
+        rtol=0,
+        atol=1e-12,
+    )
     back = I.rotate_moments(rotated, P.transpose(1, 2), Q.transpose(1, 2))
     torch.testing.assert_close(back.exp_avg, moments.exp_avg, rtol=0, atol=1e-12)
     assert (rotated.exp_avg_sq >= 0).all()
@@ -482,8 +563,11 @@ def test_moments_follow_a_truncation_and_are_cut_to_the_new_rank():
     cap = 4
     S_aug = I.augmented_coefficients(S, G_aug, 0.3)
     P, sigma, Qh = torch.linalg.svd(S_aug, full_matrices=False)
-    moments = I.Moments(torch.randn(B, kU, kV, generator=gen, dtype=torch.float64),
-                        torch.rand(B, kU, kV, generator=gen, dtype=torch.float64), torch.ones(B, dtype=torch.float64))
+    moments = I.Moments(
+        torch.randn(B, kU, kV, generator=gen, dtype=torch.float64),
+        torch.rand(B, kU, kV, generator=gen, dtype=torch.float64),
+        torch.ones(B, dtype=torch.float64),
+    )
     for new_ranks in (torch.tensor([1, 2, 3]), torch.tensor([2, 4, 4])):
         tr = I.truncate(Ub.basis, Vb.basis, P, sigma, Qh, new_ranks, cap)
         rotated = I.rotate_moments(moments, tr.P, tr.Q)
@@ -494,5 +578,4 @@ def test_moments_follow_a_truncation_and_are_cut_to_the_new_rank():
             Pu = tr.U[b] @ tr.U[b].T  # projections onto the kept directions
             Pv = tr.V[b] @ tr.V[b].T
             weight = Ub.basis[b] @ moments.exp_avg[b] @ Vb.basis[b].T
-            torch.testing.assert_close(tr.U[b] @ rotated.exp_avg[b] @ tr.V[b].T, Pu @ weight @ Pv, rtol=0,
-                                       atol=1e-12)
+            torch.testing.assert_close(tr.U[b] @ rotated.exp_avg[b] @ tr.V[b].T, Pu @ weight @ Pv, rtol=0, atol=1e-12)
