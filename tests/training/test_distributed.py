@@ -24,7 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(mode, tmp_path, augment_every=1):
+SCHEDULES = (1, 2)
+_LAUNCHES: dict[str, Path] = {}
+
+
+def _launch(mode: str, out: Path) -> Path:
+    """One torchrun launch per mode runs every schedule in the same 2 processes (a launch costs two fresh
+    interpreters); the parametrized test below reads its schedule's files."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
@@ -36,19 +42,26 @@ def _run(mode, tmp_path, augment_every=1):
         str(_free_port()),
         str(SCRIPT),
         mode,
-        str(tmp_path),
-        str(augment_every),
+        str(out),
+        ",".join(map(str, SCHEDULES)),
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    return out
+
+
+def _run(mode, tmp_path_factory, augment_every):
+    if mode not in _LAUNCHES:
+        _LAUNCHES[mode] = _launch(mode, tmp_path_factory.mktemp(f"ddp-{mode}"))
+    folder = _LAUNCHES[mode] / str(augment_every)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("augment_every", [1, 2])
+@pytest.mark.parametrize("augment_every", SCHEDULES)
 @pytest.mark.parametrize("mode", ["driver", "trainer", "nan"])
-def test_ddp_processes_agree(mode, tmp_path, augment_every):
-    a, b = _run(mode, tmp_path, augment_every)
+def test_ddp_processes_agree(mode, tmp_path_factory, augment_every):
+    a, b = _run(mode, tmp_path_factory, augment_every)
     assert a["ranks"] == b["ranks"]
     assert a["state"].keys() == b["state"].keys()
     for k in a["state"]:
