@@ -744,3 +744,14 @@ def test_train_under_two_process_torchrun(assets, tmp_path):
     assert json.loads((out / cli.RUN_INFO).read_text())["world_size"] == 2
     assert metrics["ranks"] == json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
     assert proc.stdout.count("ranks per layer") == 1  # only process 0 reports
+
+
+def test_without_the_cli_extra_the_error_names_the_packages_and_the_install_command(monkeypatch):
+    import geolora.app
+
+    assert geolora.app.missing_requirements() == []  # the test extra installs the cli extra
+    monkeypatch.setitem(sys.modules, "yaml", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    assert geolora.app.missing_requirements() == ["pyyaml", "scikit-learn"]
+    with pytest.raises(ImportError, match=r"needs pyyaml, scikit-learn, .*pip install 'geolora\[cli\]'"):
+        geolora.app.check_requirements()
