@@ -35,6 +35,17 @@ VOCAB = 64
 NUM_LABELS = 3
 
 
+def torchrun_command(*args: str, nproc: int = 2) -> list[str]:
+    """``python -m torch.distributed.run --nproc_per_node N --master_port <a free port> ARGS...`` (gloo on CPU)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port"]
+    return launcher + [str(port), *map(str, args)]
+
+
 # ---------------------------------------------------------------------------------------------------- tiny models
 def make_bert(seed: int = 0, intermediate_size: int = 37):
     """BertForSequenceClassification, hidden 32, 2 layers (intermediate 37 so no two Linear shapes coincide)."""

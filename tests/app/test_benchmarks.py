@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import tasks as T  # noqa: E402
 
 from geolora.app import data as gdata  # noqa: E402
+from tests.conftest import torchrun_command  # noqa: E402
 
 CELL_FIELDS = (
     "provenance",
@@ -327,20 +328,8 @@ def test_runner_under_torchrun_two_processes(tmp_path):
     """DDP with 2 CPU processes (gloo) through torchrun, the launcher `accelerate launch --multi_gpu` runs on GPUs
     (`accelerate launch --cpu` starts a single process on one machine): every cell is trained by both processes,
     written once by the main process, and records the world size; the step count accounts for the sharded batches."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
+        torchrun_command(
             "benchmarks/run.py",
             "--preset",
             "smoke",
@@ -357,7 +346,7 @@ def test_runner_under_torchrun_two_processes(tmp_path):
             str(tmp_path),
             "--threads",
             "1",
-        ],
+        ),
         cwd=REPO,
         env=_env(),
         capture_output=True,

@@ -3,9 +3,7 @@ cross-process helpers of geolora.distributed on a single process (no process gro
 
 import ast
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,15 +11,10 @@ import torch
 from torch import nn
 
 import geolora.distributed as D
+from tests.conftest import torchrun_command
 
 SCRIPT = Path(__file__).parents[1] / "scripts" / "ddp_train.py"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 SCHEDULES = (1, 2)
@@ -32,19 +25,7 @@ def _launch(mode: str, out: Path) -> Path:
     """One torchrun launch per mode runs every schedule in the same 2 processes (a launch costs two fresh
     interpreters); the parametrized test below reads its schedule's files."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-        str(SCRIPT),
-        mode,
-        str(out),
-        ",".join(map(str, SCHEDULES)),
-    ]
+    cmd = torchrun_command(SCRIPT, mode, out, ",".join(map(str, SCHEDULES)))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out

@@ -5,7 +5,6 @@ process on the whole batches. ``tests/scripts/fsdp_train.py`` does both.
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import torchrun_command
+
 SCRIPT = Path(__file__).parents[1] / "scripts" / "fsdp_train.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # multi-process / end to end: `make test-fast` leaves it out
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _FOLDERS: dict[int, Path] = {}  # augment_every -> the folder of its runs, shared by the tests (a launch costs 2
@@ -43,19 +38,7 @@ def _run(mode, out, augment_every):
     if mode == "reference":
         cmd = [sys.executable, str(SCRIPT), mode, str(out), str(augment_every)]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(SCRIPT),
-            mode,
-            str(out),
-            str(augment_every),
-        ]
+        cmd = torchrun_command(SCRIPT, mode, out, augment_every)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     _DONE.add((mode, augment_every))
