@@ -71,6 +71,7 @@ class RecorderCallback(TrainerCallback):
         self.rank_rows: list[list[int]] = []
         self.layers: list[str] = []
         self.peak_rss = 0
+        self.curve: list[dict[str, float]] = []  # validation metrics every ``eval_every`` steps (train.eval_every)
         self._t = 0.0
 
     def _snapshot(self, model, step: int) -> None:
@@ -93,6 +94,14 @@ class RecorderCallback(TrainerCallback):
         if state.global_step % self.rank_every == 0 or state.global_step == state.max_steps:
             self._snapshot(model, state.global_step)
         self._t = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # the Trainer's periodic evaluations on the validation split ("eval_" keys); the harness's final ones are named
+        # "val_"/"test_" and are in the run's val/test scores
+        row = {k[len("eval_") :]: float(v) for k, v in (metrics or {}).items() if k.startswith("eval_")}
+        if row:
+            self.curve.append({"step": state.global_step, **row})
+        self._t = time.perf_counter()  # the evaluation is not part of the next step's time
 
     def peak_memory(self) -> dict[str, Any]:
         out = {"peak_rss_bytes": int(self.peak_rss)}
@@ -131,6 +140,10 @@ def plan_cells(cfg: dict, only: dict[str, Optional[set]]) -> list[dict]:
                     hp = T.deep_merge(suite.get("train", {}), task_over.get("train"))
                     model = T.deep_merge(suite["model"], task_over.get("model"))
                     budgets = task_over.get("budgets", suite["budgets"])
+                    if isinstance(budgets, dict):  # per method: budgets: {lora: [1, 2, 4], geolora: [8]}
+                        if method not in budgets:
+                            raise SystemExit(f"suite '{suite_name}': budgets has no entry for method '{method}'")
+                        budgets = budgets[method]
                     task_seeds = sorted(task_over.get("seeds", suite["seeds"]))
                     selection = task_over.get("lr_selection", suite.get("lr_selection", "per_seed"))
                     if selection not in ("per_seed", "first_seed"):
@@ -149,6 +162,8 @@ def plan_cells(cfg: dict, only: dict[str, Optional[set]]) -> list[dict]:
                             model=model,
                             budgets=list(budgets),
                             lrs=lr_grid(suite, task_over, method),
+                            lr_extra=extra_lrs(suite, task_over, method),
+                            lr_widen=int(task_over.get("lr_widen", suite.get("lr_widen", 0))),
                             data=task_over.get("data", {}),
                             trajectory_lr=suite.get("trajectory_lr"),
                             lr_from_seed=lr_seed,
@@ -165,7 +180,8 @@ def runs_to_do(cell: dict, out_dir: Path) -> list[tuple[int, float]]:
     """The (budget, lr) runs of a cell: the whole grid, or, with ``lr_selection: first_seed`` on a later seed, only the
     learning rate the first seed's cell selected on its validation split (per budget)."""
     if cell.get("lr_from_seed") is None:
-        return [(r, lr) for r in cell["budgets"] for lr in cell["lrs"]]
+        extra = cell.get("lr_extra", {})
+        return [(r, lr) for r in cell["budgets"] for lr in sorted(set(cell["lrs"]) | set(extra.get(r, [])))]
     first = cell_path(out_dir, cell["method"], cell["task"], cell["lr_from_seed"])
     if not first.is_file():
         raise SystemExit(
@@ -193,6 +209,34 @@ def lr_grid(suite: dict, task_over: dict, method: str) -> list[float]:
     if lr is None:
         raise SystemExit(f"no learning rate for method '{method}': set lr_grid.{method} or lr (+ lr_scale)")
     return [float(lr) * float(s) for s in scale]
+
+
+def extra_lrs(suite: dict, task_over: dict, method: str) -> dict[int, list[float]]:
+    """Learning rates added to the grid for some budgets only (``lr_extra: {method: {r: [...]}}``): the robustness
+    sweep over a wide lr range at two sizes, trained in the same cells as the main grid (so the selection sees them
+    too)."""
+    extra = T.deep_merge(suite.get("lr_extra", {}), task_over.get("lr_extra")).get(method, {})
+    return {int(r): [float(x) for x in lrs] for r, lrs in extra.items()}
+
+
+LR_LADDER = sorted(m * 10.0**k for k in range(-7, 2) for m in (1.0, 3.0))  # 1e-7, 3e-7, ..., 1e1, 3e1
+
+
+def widen_lrs(runs: list[dict], r: int, metric: str) -> Optional[float]:
+    """The next learning rate to try at budget ``r`` when the best validation metric among the runs at ``r`` sits at
+    an edge of the learning rates tried (``lr_widen``): the next value beyond that edge on the 1-3-10 ladder
+    (:data:`LR_LADDER`); None when the best is inside the tried range (or every run at ``r`` diverged)."""
+    at_r = [run for run in runs if run["r"] == r]
+    tried = sorted({float(run["lr"]) for run in at_r})
+    best = _select(at_r, metric).get(r)
+    if best is None or len(tried) < 2:
+        return None
+    lr = float(at_r[best]["lr"])
+    if lr == tried[-1]:
+        return next((x for x in LR_LADDER if x > lr * 1.01), None)
+    if lr == tried[0]:
+        return next((x for x in reversed(LR_LADDER) if x < lr / 1.01), None)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- data per task
@@ -288,7 +332,8 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
             data_seed=seed,
             logging_steps=max(1, total_steps // 20),
             save_strategy="no",
-            eval_strategy="no",
+            eval_strategy="steps" if hp.get("eval_every") else "no",
+            eval_steps=hp.get("eval_every"),
             report_to="none",
             disable_tqdm=not verbose,
             remove_unused_columns=task.modality == "text",
@@ -341,6 +386,7 @@ def train_one(cell: dict, prepared: dict, r: int, lr: float, verbose: bool) -> d
         "per_rank_params": kept["per_rank"],
         "rank_trajectory": {"layers": recorder.layers, "steps": recorder.rank_steps, "ranks": recorder.rank_rows},
         "train_loss": result.losses,
+        "val_curve": recorder.curve,
         "adapter_config": {k: v for k, v in config.to_dict().items() if k not in ("rank_pattern",)},
     }
 
@@ -386,6 +432,20 @@ def run_cell(
             _write(partial_path, {"runs": runs})
         progress.update(1)
     metric = _primary(prepared["task"])
+    if cell.get("lr_from_seed") is None and cell.get("lr_widen"):
+        for r in cell["budgets"]:
+            for _ in range(cell["lr_widen"]):
+                lr = widen_lrs(runs, r, metric)
+                if lr is None:
+                    break
+                lr = float(f"{lr:.3g}")
+                if (r, lr) not in {(run["r"], run["lr"]) for run in runs}:
+                    progress.total += 1
+                    progress.set_postfix_str(f"{cell['method']} {cell['task']} r {r} widening: lr {lr:g}")
+                    runs.append(train_one(cell, prepared, r, lr, verbose))
+                    if is_main:
+                        _write(partial_path, {"runs": runs})
+                    progress.update(1)
     selected = _select(runs, metric)
     main_r = cell["budgets"][0]
     best = runs[selected[main_r]] if main_r in selected else None
@@ -404,6 +464,10 @@ def run_cell(
             else f"GeoLoRA r -> r_max={cell['hp'].get('geolora_r_max_factor', 2):g}r"
         ),
         "lr_grid": cell["lrs"],
+        "lr_grid_by_budget": {
+            str(r): sorted({float(run["lr"]) for run in runs if run["r"] == r}) for r in cell["budgets"]
+        },
+        "lr_widen": cell.get("lr_widen", 0),
         "budgets": cell["budgets"],
         "trajectory_lr": cell.get("trajectory_lr"),
         "selected": {str(k): v for k, v in selected.items()},
@@ -513,7 +577,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "data_dir": args.data_dir,
         "note": cfg.get("note", ""),
     }
-    n_runs = sum(len(c["budgets"]) * (len(c["lrs"]) if c["lr_from_seed"] is None else 1) for c in todo)
+    n_runs = sum(
+        sum(len(set(c["lrs"]) | set(c["lr_extra"].get(r, []))) for r in c["budgets"])
+        if c["lr_from_seed"] is None
+        else len(c["budgets"])
+        for c in todo
+    )
     progress = tqdm(
         total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
     )
