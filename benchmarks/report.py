@@ -11,6 +11,8 @@ parameters, adapter size, time per step, peak memory, which cells finished) and 
 * ``metric-vs-params-<suite>.png``: test metric vs final trainable parameters, per method;
 * ``robustness-<suite>-<task>.png``: learning rate x budget grid, GeoLoRA vs AdaLoRA, diverged runs marked;
 * ``params-over-steps-<suite>-<task>.png``: adapter parameters over training from several initial ranks.
+
+    python benchmarks/report.py --evidence benchmarks/results/evidence   # the evidence preset (benchmarks/evidence.py)
 """
 
 from __future__ import annotations
@@ -268,7 +270,7 @@ def plot_rank_heatmaps(suite: str, cells: list[dict], out: Path) -> list[Path]:
             fig.colorbar(im, ax=ax, label="rank")
         fig.tight_layout()
         path = out / f"ranks-{suite}-{task}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -319,7 +321,7 @@ def plot_metric_vs_params(suite: str, cells: list[dict], out: Path) -> Optional[
     )
     fig.tight_layout()
     path = out / f"metric-vs-params-{suite}.png"
-    _save(fig, path)
+    save_figure(fig, path)
     return path
 
 
@@ -364,7 +366,7 @@ def plot_robustness(suite: str, cells: list[dict], out: Path) -> list[Path]:
             ax.set_title(f"{c['method']} ({task}, seed {c['seed']}): test {metric}", fontsize=9)
         fig.tight_layout()
         path = out / f"robustness-{suite}-{task}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -379,7 +381,7 @@ def adapter_params_over_steps(run: dict, method: str) -> tuple[list[int], list[i
     return traj["steps"], totals
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """``fig`` as a PNG at ``path``, written atomically, and closed."""
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -414,7 +416,7 @@ def plot_params_over_steps(suite: str, cells: list[dict], out: Path) -> list[Pat
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"params-over-steps-{suite}-{task}.png"
-        _save(fig, path)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -429,7 +431,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--results-dir", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--suites", nargs="*", help="only these suites")
     parser.add_argument("--out", help="report markdown path (default <results-dir>/report.md)")
+    parser.add_argument(
+        "--evidence",
+        metavar="DIR",
+        help="the evidence preset's report instead (benchmarks/evidence.py): DIR/evidence.md and DIR/plots/",
+    )
     args = parser.parse_args(argv)
+    if args.evidence:
+        import evidence
+
+        command = "python benchmarks/report.py --evidence " + args.evidence
+        report, made = evidence.write_report(Path(args.evidence), command)
+        print(f"wrote {report} and {len(made)} plots")
+        return 0
     results_dir = Path(args.results_dir)
     suites = load_results(results_dir, args.suites)
     if not suites:

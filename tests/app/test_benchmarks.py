@@ -79,6 +79,9 @@ def test_smoke_preset_writes_every_cell_with_provenance(smoke_results):
         assert set(prov["metric_sources"].values()) <= {"hub", "geolora.app.metrics", "sklearn"}
         assert cell["adapter_file_bytes"] > 0 and cell["median_step_s"] > 0 and cell["peak_rss_bytes"] > 0
         run = cell["runs"][cell["selected"][str(cell["budgets"][0])]]
+        curve = run["val_curve"]  # eval_every: 2 in the smoke preset
+        assert [c["step"] for c in curve] == list(range(2, run["total_steps"] + 1, 2))
+        assert all(cell["primary_metric"] in c for c in curve)
         traj = run["rank_trajectory"]
         assert len(traj["steps"]) == run["total_steps"] + 1 and len(traj["layers"]) == len(cell["final_ranks"])
         r = cell["budgets"][0]
