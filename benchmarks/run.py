@@ -584,7 +584,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for c in todo
     )
     progress = tqdm(
-        total=n_runs, desc=f"{args.preset}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
+        total=n_runs, desc=f"{args.preset if not args.config else Path(args.config).stem}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
     )
     try:
         for cell in todo:
