@@ -48,18 +48,38 @@ def _env():
     )
 
 
-def _run(*args, timeout=900):
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
+def _main(script: str, *argv: str) -> int:
+    """``benchmarks/<script>.py`` run in this process (``main(argv)``): the same code path as the command without a
+    fresh interpreter (importing torch, transformers and peft again costs about 12 s per start on 2 cores). The
+    process-wide settings the runner changes (torch threads, transformers' verbosity and progress bars) are restored.
+    The torchrun test still launches the real command."""
+    import importlib
+
+    import transformers
+
+    module = importlib.import_module(script)
+    threads, verbosity = torch.get_num_threads(), transformers.utils.logging.get_verbosity()
+    try:
+        return module.main(list(argv))
+    finally:
+        torch.set_num_threads(threads)
+        transformers.utils.logging.set_verbosity(verbosity)
+        transformers.utils.logging.enable_progress_bar()
 
 
 @pytest.fixture(scope="module")
-def smoke_results(tmp_path_factory):
+def smoke_results(tmp_path_factory, monkeypatch_module):
     out = tmp_path_factory.mktemp("smoke-results")
-    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(out), "--threads", "1")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k, v in _env().items():
+        monkeypatch_module.setenv(k, v)
+    assert _main("run", "--preset", "smoke", "--results-dir", str(out), "--threads", "1") == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
 
 
 @pytest.mark.slow
@@ -112,20 +132,20 @@ def test_first_seed_lr_selection_reruns_only_the_selected_lr(smoke_results):
 
 
 def test_first_seed_lr_selection_needs_the_first_seed(tmp_path):
-    proc = _run(
-        "benchmarks/run.py",
-        "--preset",
-        "smoke",
-        "--results-dir",
-        str(tmp_path),
-        "--tasks",
-        "cifar10-efficientnet",
-        "--methods",
-        "lora",
-        "--seeds",
-        "1",
-    )
-    assert proc.returncode != 0 and "run seed 0 first" in proc.stderr
+    with pytest.raises(SystemExit, match="run seed 0 first"):
+        _main(
+            "run",
+            "--preset",
+            "smoke",
+            "--results-dir",
+            str(tmp_path),
+            "--tasks",
+            "cifar10-efficientnet",
+            "--methods",
+            "lora",
+            "--seeds",
+            "1",
+        )
 
 
 def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
@@ -176,18 +196,18 @@ def test_smoke_grid_suite_marks_divergence_and_selects_on_val(smoke_results):
         assert chosen["val"]["accuracy"] == max(run["val"]["accuracy"] for run in same_budget)
 
 
-def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
-    proc = _run("benchmarks/run.py", "--preset", "smoke", "--results-dir", str(smoke_results), "--dry-run")
-    assert proc.returncode == 0
-    assert "todo" not in proc.stdout and proc.stdout.count("done") == 16 + 4 + 2
+def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results, capsys):
+    assert _main("run", "--preset", "smoke", "--results-dir", str(smoke_results), "--dry-run") == 0
+    stdout = capsys.readouterr().out
+    assert "todo" not in stdout and stdout.count("done") == 16 + 4 + 2
     # an interrupted cell: its finished grid points are kept in *.partial.json and not trained again
     cell_path = smoke_results / "smoke" / "lora--sentiment--1.json"
     cell = json.loads(cell_path.read_text())
     cell_path.unlink()
     partial = cell_path.with_name("lora--sentiment--1.partial.json")
     partial.write_text(json.dumps({"runs": cell["runs"][:1]}))
-    proc = _run(
-        "benchmarks/run.py",
+    rc = _main(
+        "run",
         "--preset",
         "smoke",
         "--results-dir",
@@ -201,15 +221,14 @@ def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results):
         "--threads",
         "1",
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert rc == 0
     redone = json.loads(cell_path.read_text())
     assert redone["runs"][0] == cell["runs"][0]  # reused, not retrained
     assert len(redone["runs"]) == 2 and not partial.exists()
 
 
 def test_report_writes_tables_and_plots(smoke_results):
-    proc = _run("benchmarks/report.py", "--results-dir", str(smoke_results))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _main("report", "--results-dir", str(smoke_results)) == 0
     report = (smoke_results / "report.md").read_text()
     assert "| task | metric | geolora | lora | adalora |" in report and "± " in report
     assert "| r \\ lr | 0.01 | 30 |" in report

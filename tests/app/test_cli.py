@@ -160,7 +160,7 @@ def trained(assets):
 # ------------------------------------------------------------------------------------------------ help
 def test_help_lists_commands_and_options():
     rc, out, _ = run_cli("--help")
-    assert rc == 0
+    assert rc == 0 and "usage: geolora" in out
     for command in ("train", "eval", "inspect", "export-lora", "merge"):
         assert command in out
     rc, out, _ = run_cli("train", "--help")
@@ -715,11 +715,7 @@ def test_python_dash_m_geolora_runs_the_command_line():
         [sys.executable, "-m", "geolora", "--version"], capture_output=True, text=True, timeout=120, env=env
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().startswith("geolora ")
-    proc = subprocess.run(
-        [sys.executable, "-m", "geolora", "--help"], capture_output=True, text=True, timeout=120, env=env
-    )
-    assert proc.returncode == 0 and "usage: geolora" in proc.stdout and "export-lora" in proc.stdout
+    assert proc.stdout.strip().startswith("geolora ")  # --help is tested in-process (test_help_lists_commands...)
 
 
 # ------------------------------------------------------------------------------------------------ distributed
