@@ -33,7 +33,7 @@ main: install assets
 test: install
 	$(PIP) install -q --no-deps "efficientnet-lite-pytorch==0.1.0"
 	$(PYTHON) scripts/fetch_peft_tests.py
-	HF_HUB_OFFLINE=1 GEOLORA_REQUIRE_PEFT_TESTS=1 $(PYTHON) -m pytest -q tests
+	HF_HUB_OFFLINE=1 GEOLORA_REQUIRE_PEFT_TESTS=1 $(PYTHON) -m pytest -q --durations=25 tests
 
 # ruff (pinned in the test extra): lint and formatting, both part of CI (.ci/run).
 LINT_PATHS = geolora tests scripts benchmarks
