@@ -1,8 +1,8 @@
-"""Run under torchrun --nproc_per_node 2 (gloo, CPU): ddp_train.py MODE OUT AUGMENT_EVERY[,AUGMENT_EVERY...].
+"""Run under torchrun --nproc_per_node 2 (gloo, CPU): ddp_train.py MODE[,MODE...] OUT AUGMENT_EVERY[,AUGMENT_EVERY...].
 Mode 'driver': accelerate loop with create_geolora_optimizer. Mode 'trainer': stock Trainer with GeoLoRACallback.
 Mode 'nan': rank 1 alone sees a NaN gradient once, after the all-reduce.
-One run per AUGMENT_EVERY, in the same processes (one launch); each process writes its final ranks and weights to
-OUT/<AUGMENT_EVERY>/rank{R}.pt."""
+One run per mode and AUGMENT_EVERY, in the same processes (one launch: each launch costs two fresh interpreters); each
+process writes its final ranks and weights to OUT/<MODE>/<AUGMENT_EVERY>/rank{R}.pt."""
 
 import os
 import sys
@@ -12,11 +12,11 @@ import torch
 
 import geolora
 
-mode, out_root = sys.argv[1], sys.argv[2]
+modes, out_root = sys.argv[1].split(","), sys.argv[2]
 schedules = [int(k) for k in (sys.argv[3] if len(sys.argv) > 3 else "1").split(",")]
 
 
-def build(augment_every):
+def build(mode, augment_every):
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -53,13 +53,13 @@ def dump(model, accelerator_rank, out):
     torch.save({"ranks": geolora.get_ranks(model), "state": state}, os.path.join(out, f"rank{accelerator_rank}.pt"))
 
 
-def run(augment_every, out):
+def run(mode, augment_every, out):
     os.makedirs(out, exist_ok=True)
     if mode in ("driver", "nan"):
         from accelerate import Accelerator
 
         acc = Accelerator(cpu=True, gradient_accumulation_steps=2)
-        model = build(augment_every)
+        model = build(mode, augment_every)
         opt = geolora.create_geolora_optimizer(model, lr=5e-2)
         ids, labels = data()
         ds = torch.utils.data.TensorDataset(ids, labels)
@@ -98,7 +98,7 @@ def run(augment_every, out):
         import datasets
         from transformers import Trainer, TrainingArguments
 
-        model = build(augment_every)
+        model = build(mode, augment_every)
         ids, labels = data()
         ds = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
         args = TrainingArguments(
@@ -121,5 +121,6 @@ def run(augment_every, out):
         dump(model, trainer.args.process_index, out)
 
 
-for k in schedules:
-    run(k, os.path.join(out_root, str(k)))
+for mode in modes:
+    for k in schedules:
+        run(mode, k, os.path.join(out_root, mode, str(k)))

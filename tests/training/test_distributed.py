@@ -18,29 +18,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 SCHEDULES = (1, 2)
+MODES = ("driver", "trainer", "nan")
 _LAUNCHES: dict[str, Path] = {}
 
 
-def _launch(mode: str, out: Path) -> Path:
-    """One torchrun launch per mode runs every schedule in the same 2 processes (a launch costs two fresh
-    interpreters); the parametrized test below reads its schedule's files."""
+def _launch(out: Path) -> Path:
+    """One torchrun launch runs every mode and schedule in the same 2 processes (a launch costs two fresh
+    interpreters); the parametrized test below reads its mode's and schedule's files."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    cmd = torchrun_command(SCRIPT, mode, out, ",".join(map(str, SCHEDULES)))
+    cmd = torchrun_command(SCRIPT, ",".join(MODES), out, ",".join(map(str, SCHEDULES)))
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
 
 def _run(mode, tmp_path_factory, augment_every):
-    if mode not in _LAUNCHES:
-        _LAUNCHES[mode] = _launch(mode, tmp_path_factory.mktemp(f"ddp-{mode}"))
-    folder = _LAUNCHES[mode] / str(augment_every)
+    if "all" not in _LAUNCHES:
+        _LAUNCHES["all"] = _launch(tmp_path_factory.mktemp("ddp"))
+    folder = _LAUNCHES["all"] / mode / str(augment_every)
     return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("augment_every", SCHEDULES)
-@pytest.mark.parametrize("mode", ["driver", "trainer", "nan"])
+@pytest.mark.parametrize("mode", MODES)
 def test_ddp_processes_agree(mode, tmp_path_factory, augment_every):
     a, b = _run(mode, tmp_path_factory, augment_every)
     assert a["ranks"] == b["ranks"]
