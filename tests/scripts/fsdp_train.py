@@ -1,13 +1,13 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) on CPU, gloo. Usage:
+"""FSDP2 (torch.distributed.fsdp.fully_shard) on CPU, gloo. Usage: fsdp_train.py OUT MODE:AUGMENT_EVERY[,...], e.g.
 
-    torchrun --nproc_per_node 2 fsdp_train.py driver OUT AUGMENT_EVERY     # custom loop, each process half a batch
-    python fsdp_train.py reference OUT AUGMENT_EVERY                       # the same run in one process, no FSDP
-    torchrun --nproc_per_node 2 fsdp_train.py resume OUT AUGMENT_EVERY     # driver: 3 steps, dcp checkpoint, new
-                                                                           # model and optimizer, dcp load, 3 more
+    torchrun --nproc_per_node 2 fsdp_train.py OUT driver:1,driver:2,resume:2
+    python fsdp_train.py OUT reference:1,reference:2
 
-Each process writes OUT/<mode>-rank{R}.pt: the ranks (host mirror and rank buffers), the full factors (gathered from
-the shards) and the per-step losses; process 0 saves the adapter to OUT/<mode>-adapter (under FSDP2 from the full
-state dict, as the Trainer does).
+Modes: ``driver`` (custom loop, each process half a batch), ``reference`` (the same run in one process, no FSDP),
+``resume`` (driver: 3 steps, dcp checkpoint, new model and optimizer, dcp load, 3 more). The runs share the processes
+(one launch: each launch costs fresh interpreters). Each process writes OUT/<AUGMENT_EVERY>/<mode>-rank{R}.pt: the
+ranks (host mirror and rank buffers), the full factors (gathered from the shards) and the per-step losses; process 0
+saves the adapter to OUT/<AUGMENT_EVERY>/<mode>-adapter (under FSDP2 from the full state dict, as the Trainer does).
 """
 
 import os
@@ -18,12 +18,12 @@ import torch
 
 import geolora
 
-mode, out = sys.argv[1], sys.argv[2]
-augment_every = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+out_root = sys.argv[1]
+RUNS = [(m, int(k)) for m, k in (item.split(":") for item in sys.argv[2].split(","))]
 STEPS, BATCH = 6, 8
 
 
-def build():
+def build(augment_every):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def batches():
     return [torch.randint(0, 64, (BATCH, 12), generator=g) for _ in range(STEPS)]
 
 
-def dump(model, rank, losses):
+def dump(model, rank, losses, mode, out):
     from torch.distributed.tensor import DTensor
 
     layers = {n: m for n, m in model.named_modules() if isinstance(m, geolora.GeoLoRALayer)}
@@ -78,10 +78,10 @@ def dump(model, rank, losses):
     )
 
 
-def sharded_model_and_optimizer():
+def sharded_model_and_optimizer(augment_every):
     from torch.distributed.fsdp import fully_shard
 
-    model = build()
+    model = build(augment_every)
     geolora.grow_capacity(model)  # before sharding: fully_shard keeps the shapes it sees
     for layer in model.base_model.model.model.layers:
         fully_shard(layer)
@@ -101,15 +101,17 @@ def train(model, opt, steps, rank, world):
     return losses
 
 
-if mode == "reference":
-    model = build()
+def run_reference(augment_every, out):
+    model = build(augment_every)
     opt = geolora.create_geolora_optimizer(model, lr=5e-2, num_training_steps=STEPS)
     losses = train(model, opt, batches(), 0, 1)
     assert opt.num_steps == STEPS and opt.skipped_steps == 0
     opt.finish_interval()
-    dump(model, 0, losses)
-    model.save_pretrained(os.path.join(out, f"{mode}-adapter"))
-else:
+    dump(model, 0, losses, "reference", out)
+    model.save_pretrained(os.path.join(out, "reference-adapter"))
+
+
+def run_sharded(mode, augment_every, out):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -120,9 +122,8 @@ else:
         set_optimizer_state_dict,
     )
 
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model, opt = sharded_model_and_optimizer()
+    model, opt = sharded_model_and_optimizer(augment_every)
     if mode == "driver":
         losses = train(model, opt, batches(), rank, world)
     else:  # resume: what the Trainer's FSDP2 checkpointing does, through torch.distributed.checkpoint
@@ -132,7 +133,7 @@ else:
             {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt
         )
         del model, opt
-        model, opt = sharded_model_and_optimizer()
+        model, opt = sharded_model_and_optimizer(augment_every)
         sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
         dcp.load(sd, checkpoint_id=ckpt)
         set_model_state_dict(model, sd["model"])
@@ -141,9 +142,24 @@ else:
         losses += train(model, opt, batches()[3:], rank, world)
     assert opt.num_steps == STEPS and opt.skipped_steps == 0
     opt.finish_interval()
-    dump(model, rank, losses)
+    dump(model, rank, losses, mode, out)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         model.save_pretrained(os.path.join(out, f"{mode}-adapter"), state_dict=full)
     dist.barrier()
+
+
+sharded = any(m != "reference" for m, _ in RUNS)
+if sharded:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+for mode, augment_every in RUNS:
+    folder = os.path.join(out_root, str(augment_every))
+    os.makedirs(folder, exist_ok=True)
+    if mode == "reference":
+        run_reference(augment_every, folder)
+    else:
+        run_sharded(mode, augment_every, folder)
+if sharded:
     dist.destroy_process_group()

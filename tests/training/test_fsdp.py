@@ -21,27 +21,24 @@ pytestmark = pytest.mark.slow  # multi-process / end to end: `make test-fast` le
 pytest.importorskip("torch.distributed.fsdp", reason="torch without FSDP2")
 
 
-_FOLDERS: dict[int, Path] = {}  # augment_every -> the folder of its runs, shared by the tests (a launch costs 2
-_DONE: set[tuple[str, int]] = set()  # fresh interpreters: the driver run at augment_every 2 serves both tests)
+_RESULTS: dict[str, Path] = {}  # one folder of runs shared by the tests
 
 
-def _folder(tmp_path_factory, augment_every: int) -> Path:
-    if augment_every not in _FOLDERS:
-        _FOLDERS[augment_every] = tmp_path_factory.mktemp(f"fsdp-{augment_every}")
-    return _FOLDERS[augment_every]
-
-
-def _run(mode, out, augment_every):
-    if (mode, augment_every) in _DONE:
-        return
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
-    if mode == "reference":
-        cmd = [sys.executable, str(SCRIPT), mode, str(out), str(augment_every)]
-    else:
-        cmd = torchrun_command(SCRIPT, mode, out, augment_every)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    _DONE.add((mode, augment_every))
+def _results(tmp_path_factory) -> Path:
+    """Every run the tests read, in two launches (each launch costs fresh interpreters): the one-process reference at
+    augment_every 1 and 2, then one torchrun launch for the FSDP2 driver at 1 and 2 and the resume at 2. Run r at
+    augment_every k is in ``<folder>/<k>/``."""
+    if "root" not in _RESULTS:
+        root = tmp_path_factory.mktemp("fsdp")
+        env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT))
+        for cmd in (
+            [sys.executable, str(SCRIPT), str(root), "reference:1,reference:2"],
+            torchrun_command(SCRIPT, root, "driver:1,driver:2,resume:2"),
+        ):
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        _RESULTS["root"] = root
+    return _RESULTS["root"]
 
 
 def _deltas(factors):
@@ -56,9 +53,7 @@ def _deltas(factors):
 
 @pytest.mark.parametrize("augment_every", [1, 2])
 def test_fsdp2_step_equals_the_unsharded_step_and_processes_agree(augment_every, tmp_path_factory):
-    tmp_path = _folder(tmp_path_factory, augment_every)
-    _run("reference", tmp_path, augment_every)
-    _run("driver", tmp_path, augment_every)
+    tmp_path = _results(tmp_path_factory) / str(augment_every)
     ref = torch.load(tmp_path / "reference-rank0.pt", weights_only=True)
     a, b = (torch.load(tmp_path / f"driver-rank{r}.pt", weights_only=True) for r in (0, 1))
     assert a["sharded"] and b["sharded"] and not ref["sharded"]  # the factors really were DTensors
@@ -108,9 +103,7 @@ def test_fsdp2_step_equals_the_unsharded_step_and_processes_agree(augment_every,
 def test_fsdp2_resume_through_torch_distributed_checkpoint_equals_the_uninterrupted_run(tmp_path_factory):
     """3 steps, a dcp checkpoint of the model and the optimizer (as the Trainer's FSDP2 checkpoints), a new model and
     optimizer loaded from it, 3 more steps: the same factors and ranks as 6 uninterrupted steps, mid-interval."""
-    tmp_path = _folder(tmp_path_factory, 2)
-    _run("driver", tmp_path, 2)
-    _run("resume", tmp_path, 2)  # augment_every 2: the checkpoint after step 3 falls inside an interval
+    tmp_path = _results(tmp_path_factory) / "2"  # augment_every 2: the checkpoint after step 3 falls inside an interval
     a, b = (torch.load(tmp_path / f"{m}-rank0.pt", weights_only=True) for m in ("driver", "resume"))
     assert a["ranks"] == b["ranks"] and a["rank_buffers"] == b["rank_buffers"]
     assert a["losses"] == b["losses"]
