@@ -583,8 +583,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         else len(c["budgets"])
         for c in todo
     )
+    label = Path(args.config).stem if args.config else args.preset
     progress = tqdm(
-        total=n_runs, desc=f"{args.preset if not args.config else Path(args.config).stem}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
+        total=n_runs, desc=f"{label}: {len(todo)}/{len(cells)} cells to run", unit="run", disable=not is_main
     )
     try:
         for cell in todo:
