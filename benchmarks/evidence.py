@@ -32,7 +32,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from report import COLORS, METHOD_ORDER, adapter_params_over_steps, load_results, save_figure  # noqa: E402
+from cells import COLORS, METHOD_ORDER, adapter_params_over_steps, load_results, save_figure  # noqa: E402
+
+from geolora.io import atomic_write_text  # noqa: E402
 
 WITHIN_POINTS = 0.5  # "equal accuracy": within this many points (metric x 100) of the best mean
 ROBUST_MIN_LRS = 5  # a size with at least this many learning rates is drawn in the robustness heat map
@@ -342,8 +344,6 @@ def plot_rank_init(cells: list[dict], out: Path) -> list[Path]:
 
 def write_report(results_dir: Path, command: str) -> tuple[Path, list[Path]]:
     """``results_dir/evidence.md`` and its plots; returns the report's path and the plots written."""
-    from geolora.io import atomic_write_text
-
     suites = load_results(results_dir)
     cells = [c for cs in suites.values() for c in cs]
     if not cells:

@@ -18,7 +18,6 @@ parameters, adapter size, time per step, peak memory, which cells finished) and 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -28,31 +27,14 @@ from typing import Optional
 import matplotlib
 
 matplotlib.use("Agg")
+import evidence  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from cells import COLORS, METHOD_ORDER, adapter_params_over_steps, load_results, save_figure  # noqa: E402
 
-from geolora.app.models import layer_parameters  # noqa: E402
-from geolora.io import atomic_write, atomic_write_text  # noqa: E402
+from geolora.io import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-METHOD_ORDER = ("geolora", "lora", "adalora")
-COLORS = {"geolora": "tab:blue", "lora": "tab:orange", "adalora": "tab:green"}
-
-
-def load_results(results_dir: Path, suites: Optional[list[str]] = None) -> dict[str, list[dict]]:
-    """suite -> finished cells (files written by run.py: ``status == "done"``; other JSON files are ignored)."""
-    out: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(results_dir.glob("*/*.json")):
-        if path.name.endswith(".partial.json") or (suites and path.parent.name not in suites):
-            continue
-        try:
-            cell = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if isinstance(cell, dict) and cell.get("status") == "done" and "method" in cell:
-            cell["_file"] = str(path)
-            out[cell["suite"]].append(cell)
-    return dict(out)
 
 
 def _mean_std(values: list[float], digits: int = 4) -> str:
@@ -371,24 +353,6 @@ def plot_robustness(suite: str, cells: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def adapter_params_over_steps(run: dict, method: str) -> tuple[list[int], list[int]]:
-    """Adapter parameters at every rank snapshot: :func:`geolora.app.models.layer_parameters` of each layer's rank
-    with the run's ``per_rank_params`` (what one rank costs in that layer)."""
-    traj, cost = run["rank_trajectory"], run.get("per_rank_params") or {}
-    totals = []
-    for row in traj["ranks"]:
-        totals.append(sum(layer_parameters(method, r, cost.get(name, 0)) for name, r in zip(traj["layers"], row)))
-    return traj["steps"], totals
-
-
-def save_figure(fig, path: Path) -> Path:
-    """``fig`` as a PNG at ``path``, written atomically, and closed."""
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
-
-
 def plot_params_over_steps(suite: str, cells: list[dict], out: Path) -> list[Path]:
     paths = []
     for task in sorted({c["task"] for c in cells}):
@@ -438,8 +402,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.evidence:
-        import evidence
-
         command = "python benchmarks/report.py --evidence " + args.evidence
         report, made = evidence.write_report(Path(args.evidence), command)
         print(f"wrote {report} and {len(made)} plots")

@@ -422,15 +422,20 @@ def run_cell(
         runs = json.loads(partial_path.read_text()).get("runs", [])
     done = {(run["r"], run["lr"]) for run in runs}
     prepared = prepare(cell, data_dir, out_dir)
-    for r, lr in runs_to_do(cell, out_dir):
-        if (r, lr) in done:
-            progress.update(1)
-            continue
-        progress.set_postfix_str(f"{cell['method']} {cell['task']} seed {cell['seed']} r {r} lr {lr:g}")
+
+    def train_and_keep(r: int, lr: float, label: str) -> None:
+        """Train one (r, lr) run, append it, and keep the cell's finished runs on disk (*.partial.json)."""
+        progress.set_postfix_str(f"{cell['method']} {cell['task']} seed {cell['seed']} r {r} {label}")
         runs.append(train_one(cell, prepared, r, lr, verbose))
         if is_main:
             _write(partial_path, {"runs": runs})
         progress.update(1)
+
+    for r, lr in runs_to_do(cell, out_dir):
+        if (r, lr) in done:
+            progress.update(1)
+        else:
+            train_and_keep(r, lr, f"lr {lr:g}")
     metric = _primary(prepared["task"])
     if cell.get("lr_from_seed") is None and cell.get("lr_widen"):
         for r in cell["budgets"]:
@@ -441,11 +446,7 @@ def run_cell(
                 lr = float(f"{lr:.3g}")
                 if (r, lr) not in {(run["r"], run["lr"]) for run in runs}:
                     progress.total += 1
-                    progress.set_postfix_str(f"{cell['method']} {cell['task']} r {r} widening: lr {lr:g}")
-                    runs.append(train_one(cell, prepared, r, lr, verbose))
-                    if is_main:
-                        _write(partial_path, {"runs": runs})
-                    progress.update(1)
+                    train_and_keep(r, lr, f"widening: lr {lr:g}")
     selected = _select(runs, metric)
     main_r = cell["budgets"][0]
     best = runs[selected[main_r]] if main_r in selected else None
