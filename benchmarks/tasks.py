@@ -354,7 +354,7 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
     * ``adalora``: ``init_r = ceil(1.5 r)``, ``target_r = r`` (average final rank), ``total_step`` = the run's optimizer
       steps, ``tinit``/``tfinal`` as fractions of it, allocation every ``deltaT`` steps.
     * ``geolora``: starts at rank ``r``, may grow to ``r_max = 2 r`` (``geolora_r_max_factor`` x r: 1 caps it at
-      LoRA's rank, so it can only shrink; or ``geolora_r_max``, the same for every r), truncation tolerance ``tau``;
+      LoRA's rank, so it can only shrink; or ``geolora_r_max``, the same for every r); ``tau``, ``s_update``,
       ``augment_every``, ``scale_by``, ``rank_budget``, ``budget_type``, the tau ramp, ``explore_rank`` and
       ``adam_betas`` are passed on when a suite sets them.
     """
@@ -394,6 +394,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
         extra = {
             k: hp[k]
             for k in (
+                "tau",
+                "s_update",
                 "augment_every",
                 "scale_by",
                 "rank_budget",
@@ -404,10 +406,8 @@ def adapter_config(method: str, r: int, spec: dict, hp: dict, total_steps: int, 
                 "adam_betas",
             )
             if k in hp
-        }
-        return geolora.GeoLoRAConfig(
-            r=r, r_max=r_max, tau=hp.get("tau", 0.15), s_update=hp.get("s_update", "adam"), **extra, **common
-        )
+        }  # a knob a suite leaves unset keeps GeoLoRAConfig's default
+        return geolora.GeoLoRAConfig(r=r, r_max=r_max, **extra, **common)
     raise ValueError(f"unknown method '{method}' (geolora, lora, adalora)")
 
 

@@ -329,6 +329,13 @@ def test_budget_rule_and_full_preset_plan():
     assert (geo.r, geo.r_max, geo.tau, lora.r) == (8, 16, 0.1, 8)
     capped = T.adapter_config("geolora", 8, spec, {"geolora_r_max_factor": 1}, 100, None)
     assert capped.r_max == 8
+    # a knob a suite leaves unset is GeoLoRAConfig's default, not a benchmark-only one
+    import geolora
+
+    default = geolora.GeoLoRAConfig()
+    assert (capped.tau, capped.s_update) == (default.tau, default.s_update)
+    stated = T.adapter_config("geolora", 8, spec, {"tau": 0.35, "s_update": "sgd"}, 100, None)
+    assert (stated.tau, stated.s_update) == (0.35, "sgd")
     with pytest.raises(ValueError, match="geolora_r_max_factor"):
         T.adapter_config("geolora", 8, spec, {"geolora_r_max_factor": 0.5}, 100, None)
 
