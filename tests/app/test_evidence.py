@@ -227,3 +227,13 @@ def test_pareto_front_keeps_only_undominated_points():
         p.runs = [_run(1, 1e-3, acc / 100, params=params)]
         pts.append(p)
     assert [p.params for p in evidence.front(pts)] == [100, 300, 500]
+
+
+def test_step_time_is_the_fastest_seeds_median_and_memory_the_mean():
+    p = evidence.Point("t", "lora", "r=4", 4, "accuracy")
+    p.runs = [dict(_run(4, 1e-3, 0.9), median_step_s=0.21), dict(_run(4, 1e-3, 0.9), median_step_s=0.12)]
+    p.runs[0]["peak_rss_bytes"], p.runs[1]["peak_rss_bytes"] = 2**30, 3 * 2**30
+    assert p.step_time() == 0.12 and p.mean_of("peak_rss_bytes") == 2 * 2**30
+    row = evidence.setting_table("t", [p])[-2]
+    assert "| 0.120 |" in row and "| 2,048 |" in row
+    assert evidence.Point("t", "lora", "r=8", 8, "accuracy").step_time() is None
