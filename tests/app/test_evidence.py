@@ -120,7 +120,7 @@ def test_run_cell_widens_until_the_selected_lr_is_inside(tmp_path, monkeypatch):
         if c["seed"] in (0, 1)
     ]
     for c in cells:
-        c["budgets"] = [4]
+        c["budgets"], c["lrs"] = [4], [1e-3, 3e-3, 1e-2]  # this test's grid, whatever the preset's is
     progress = type("P", (), {"total": 0, "update": lambda *a: None, "set_postfix_str": lambda *a: None})()
     first = R.run_cell(cells[0], tmp_path, None, {}, progress, False, True)
     assert [lr for _, _, lr in trained] == pytest.approx([1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
