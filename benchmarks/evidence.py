@@ -10,8 +10,9 @@ Reads the cell files that ``benchmarks/run.py --preset evidence`` writes (``conf
   step time and peak memory of the same runs);
 * the validation curves of the selected runs (``evidence-curves-<task>.png``) and, in the table, how much the
   validation metric still moved over the last 30% of the steps;
-* the learning-rate robustness heat map (``evidence-robustness-<task>.png``): test metric per lr and size, diverged
-  runs marked, for every size trained at five or more learning rates;
+* the learning-rate robustness heat map (``evidence-robustness-<task>.png``): test metric per lr and size, for every
+  size trained at five or more learning rates, with the runs that failed marked: diverged (non-finite loss) or no
+  better than a constant prediction (test accuracy within half a point of the most frequent class's share);
 * GeoLoRA's adapter size over steps from several initial ranks (``evidence-rank-init-<task>.png``).
 
 A size *setting* is LoRA's ``r``, AdaLoRA's ``target_r`` or GeoLoRA's ``tau`` (one ``r_max``, one initial ``r``).
@@ -39,6 +40,7 @@ from geolora.io import atomic_write_text  # noqa: E402
 WITHIN_POINTS = 0.5  # "equal accuracy": within this many points (metric x 100) of the best mean
 ROBUST_MIN_LRS = 5  # a size with at least this many learning rates is drawn in the robustness heat map
 RANK_INIT_SUITE = "evidence-rank-init"
+CONSTANT_MARGIN = 0.005  # a run within this of the most-frequent-class accuracy learned nothing usable
 
 
 @dataclass
@@ -266,8 +268,39 @@ def plot_curves(task: str, points: list[Point], out: Path) -> Optional[Path]:
     return save_figure(fig, out / f"evidence-curves-{task}.png")
 
 
-def robustness_rows(cells: list[dict]) -> dict[str, list[tuple[str, dict[float, dict]]]]:
-    """task -> [(label, {lr: run})] for every (method, size) of a cell trained at ROBUST_MIN_LRS or more lrs."""
+def constant_accuracy(cell: dict) -> Optional[float]:
+    """Test accuracy of always predicting the test split's most frequent class (None when the cell does not say)."""
+    counts = (cell.get("provenance", {}).get("label_counts") or {}).get("test")
+    return max(counts) / sum(counts) if counts else None
+
+
+def run_state(run: dict, metric: str, constant: Optional[float]) -> str:
+    """``"diverged"`` (non-finite loss or metric), ``"constant"`` (test accuracy no better than ``constant``, the
+    most-frequent-class prediction, within CONSTANT_MARGIN) or ``"trained"``."""
+    if run["diverged"] or not math.isfinite(run["test"].get(metric, float("nan"))):
+        return "diverged"
+    acc = run["test"].get("accuracy")
+    if constant is not None and acc is not None and acc <= constant + CONSTANT_MARGIN:
+        return "constant"
+    return "trained"
+
+
+@dataclass
+class RobustRow:
+    """One (method, size) trained at ROBUST_MIN_LRS or more learning rates on one seed."""
+
+    label: str
+    runs: dict[float, dict]
+    metric: str
+    constant: Optional[float]
+
+    def state(self, lr: float) -> Optional[str]:
+        run = self.runs.get(lr)
+        return None if run is None else run_state(run, self.metric, self.constant)
+
+
+def robustness_rows(cells: list[dict]) -> dict[str, list[RobustRow]]:
+    """task -> a row for every (method, size) of a cell trained at ROBUST_MIN_LRS or more lrs."""
     out: dict[str, list] = defaultdict(list)
     for cell in sorted(cells, key=lambda c: (METHOD_ORDER.index(c["method"]), c["suite"])):
         if cell["suite"] == RANK_INIT_SUITE or cell.get("lr_from_seed") is not None:
@@ -277,52 +310,74 @@ def robustness_rows(cells: list[dict]) -> dict[str, list[tuple[str, dict[float, 
             by_r[run["r"]][float(run["lr"])] = run
         for r, runs in sorted(by_r.items()):
             if len(runs) >= ROBUST_MIN_LRS:
-                out[cell["task"]].append((f"{cell['method']} {setting_of(cell, r)[0]}", runs, cell["primary_metric"]))
+                label = f"{cell['method']} {setting_of(cell, r)[0]}"
+                out[cell["task"]].append(RobustRow(label, runs, cell["primary_metric"], constant_accuracy(cell)))
     return dict(out)
 
 
-def plot_robustness(task: str, rows: list, out: Path) -> Optional[Path]:
+FAILED_MARK = {"diverged": "div", "constant": "const"}
+
+
+def plot_robustness(task: str, rows: list[RobustRow], out: Path) -> Optional[Path]:
     if not rows:
         return None
-    lrs = sorted({lr for _, runs, _ in rows for lr in runs})
+    lrs = sorted({lr for row in rows for lr in row.runs})
     grid = np.full((len(rows), len(lrs)), np.nan)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lrs), 0.9 + 0.45 * len(rows)))
-    for i, (_, runs, metric) in enumerate(rows):
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lrs), 1.1 + 0.45 * len(rows)))
+    for i, row in enumerate(rows):
         for j, lr in enumerate(lrs):
-            run = runs.get(lr)
-            if run is None:
+            state = row.state(lr)
+            if state is None:
                 continue
-            v = run["test"].get(metric, float("nan"))
-            if run["diverged"] or not math.isfinite(v):
-                ax.text(j, i, "div", ha="center", va="center", fontsize=7, color="red")
+            if state in FAILED_MARK:
+                ax.text(j, i, FAILED_MARK[state], ha="center", va="center", fontsize=7, color="red")
                 continue
-            grid[i, j] = 100 * v
-            ax.text(j, i, f"{100 * v:.1f}", ha="center", va="center", fontsize=7)
+            v = 100 * row.runs[lr]["test"][row.metric]
+            grid[i, j] = v
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", fontsize=7)
     im = ax.imshow(grid, aspect="auto", cmap="viridis")
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs], fontsize=7)
-    ax.set_yticks(range(len(rows)), [label for label, _, _ in rows], fontsize=7)
+    ax.set_yticks(range(len(rows)), [row.label for row in rows], fontsize=7)
     ax.set_xlabel("learning rate")
-    ax.set_title(f"{task}: test {rows[0][2]} (x100) per learning rate ('div': diverged)", fontsize=9)
+    ax.set_title(
+        f"{task}: test {rows[0].metric} (x100) per learning rate\n"
+        "div: diverged; const: no better than predicting the most frequent class",
+        fontsize=8,
+    )
     fig.colorbar(im, ax=ax, fraction=0.03)
     fig.tight_layout()
     return save_figure(fig, out / f"evidence-robustness-{task}.png")
 
 
-def robustness_table(task: str, rows: list) -> list[str]:
-    lrs = sorted({lr for _, runs, _ in rows for lr in runs})
-    lines = [f"| {task} | " + " | ".join(f"{lr:g}" for lr in lrs) + " |", "|---|" + "---|" * len(lrs)]
-    for label, runs, metric in rows:
-        cells = []
+def robustness_table(task: str, rows: list[RobustRow]) -> list[str]:
+    lrs = sorted({lr for row in rows for lr in row.runs})
+    lines = [
+        f"| {task} | " + " | ".join(f"{lr:g}" for lr in lrs) + " | lrs that trained |",
+        "|---|" + "---|" * (len(lrs) + 1),
+    ]
+    for row in rows:
+        cells, trained = [], 0
         for lr in lrs:
-            run = runs.get(lr)
-            if run is None:
+            state = row.state(lr)
+            if state is None:
                 cells.append("")
-            elif run["diverged"] or not math.isfinite(run["test"].get(metric, float("nan"))):
-                cells.append("diverged")
+            elif state == "trained":
+                trained += 1
+                cells.append(f"{100 * row.runs[lr]['test'][row.metric]:.1f}")
+            elif state == "constant":
+                cells.append(f"constant ({100 * row.runs[lr]['test']['accuracy']:.1f})")
             else:
-                cells.append(f"{100 * run['test'][metric]:.1f}")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines + [""]
+                cells.append(state)
+        lines.append(f"| {row.label} | " + " | ".join(cells) + f" | {trained}/{len(row.runs)} |")
+    constants = sorted({row.constant for row in rows if row.constant is not None})
+    note = (
+        "*diverged*: non-finite loss; *constant*: test accuracy no better than always predicting the test set's most "
+        f"frequent class ({', '.join(f'{100 * c:.1f}' for c in constants)}) plus {100 * CONSTANT_MARGIN:g} points."
+        if constants
+        else "*diverged*: non-finite loss (these cells do not record their label counts, so runs that collapsed to a "
+        "constant prediction are not marked)."
+    )
+    return lines + ["", note, ""]
 
 
 def plot_rank_init(cells: list[dict], out: Path) -> list[Path]:

@@ -243,20 +243,56 @@ def widen_lrs(runs: list[dict], r: int, metric: str) -> Optional[float]:
 _PREPARED: dict[tuple, dict] = {}
 
 
+def label_counts(task: gdata.TaskData, splits) -> Optional[dict[str, list[int]]]:
+    """Examples per class id in each split (None for regression): what a constant prediction would score."""
+    if task.is_regression:
+        return None
+    n = len(task.label_names)
+    out = {}
+    for name in ("train", "val", "test"):
+        counts = [0] * n
+        for label in getattr(splits, name)["label"]:
+            counts[int(label)] += 1
+        out[name] = counts
+    return out
+
+
+def _splits(cell: dict, data_dir: Optional[str]):
+    d = cell["data"]
+    task = T.load_raw_task(d.get("source", cell["task"]), data_dir, d.get("data_seed", 0))
+    splits = T.make_splits(
+        task, d.get("n_train"), d.get("n_val", max(1, len(task.train) // 10)), d.get("n_test"), d.get("data_seed", 0)
+    )
+    return task, splits
+
+
+def backfill_label_counts(cell: dict, path: Path, data_dir: Optional[str]) -> None:
+    """Add ``provenance.label_counts`` to a cell finished before it was recorded (from the data, not the runs)."""
+    result = json.loads(path.read_text())
+    if "label_counts" in result.get("provenance", {}):
+        return
+    task, splits = _splits(cell, data_dir)
+    if dict(result["provenance"].get("split_sizes", {})) != {
+        "train": len(splits.train),
+        "val": len(splits.val),
+        "test": len(splits.test),
+    }:
+        raise ValueError(f"{path}: split sizes differ from the config's; cannot add label_counts")
+    result["provenance"]["label_counts"] = label_counts(task, splits)
+    _write(path, result)
+
+
 def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
     """Splits, encoded datasets, collator and metric settings of a task (cached per suite/task in this process)."""
     key = (cell["suite"], cell["task"])
     if key in _PREPARED:
         return _PREPARED[key]
-    d, spec = cell["data"], cell["model"]
-    source = d.get("source", cell["task"])
-    task = T.load_raw_task(source, data_dir, d.get("data_seed", 0))
-    splits = T.make_splits(
-        task, d.get("n_train"), d.get("n_val", max(1, len(task.train) // 10)), d.get("n_test"), d.get("data_seed", 0)
-    )
+    spec = cell["model"]
+    task, splits = _splits(cell, data_dir)
     prepared: dict[str, Any] = {
         "task": task,
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "label_counts": label_counts(task, splits),
         "source": task.source,
     }
     if task.modality == "text":
@@ -504,6 +540,7 @@ def run_cell(
             **common,
             "task_source": prepared["source"],
             "split_sizes": prepared["sizes"],
+            "label_counts": prepared["label_counts"],
             "pretrained_in_benchmark": prepared.get("pretrained_dir"),
             "metric_sources": gdata.metric_sources(prepared["task"].metric_names),
             "settings": {k: cell[k] for k in ("hp", "model", "data")},
@@ -570,6 +607,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={lrs}")
         return 0
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        for c in cells:
+            if c not in todo:
+                backfill_label_counts(c, cell_path(results / c["suite"], c["method"], c["task"], c["seed"]), data_dir)
     command = " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv)))
     common = {
         "preset": args.preset,

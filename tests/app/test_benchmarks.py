@@ -392,6 +392,8 @@ def test_runner_under_torchrun_two_processes(tmp_path):
         assert cell["adapter_file_bytes"] > 0
         single = cell["runs"][0]["total_steps"]
     n_train = cell["provenance"]["split_sizes"]["train"]
+    counts = cell["provenance"]["label_counts"]  # what a constant prediction scores, per split
+    assert {k: sum(v) for k, v in counts.items()} == cell["provenance"]["split_sizes"]
     assert single == 2 * -(-n_train // (16 * 2))  # 2 epochs of batch 16 per process, 2 processes
 
 

@@ -111,7 +111,9 @@ def test_run_cell_widens_until_the_selected_lr_is_inside(tmp_path, monkeypatch):
         trained.append((cell["seed"], r, lr))
         return _run(r, lr, 1.0 - abs(math.log10(lr) + 1.2) / 10)
 
-    monkeypatch.setattr(R, "prepare", lambda cell, d, c: {"task": FakeTask(), "source": "fake", "sizes": {}})
+    monkeypatch.setattr(
+        R, "prepare", lambda cell, d, c: {"task": FakeTask(), "source": "fake", "sizes": {}, "label_counts": None}
+    )
     monkeypatch.setattr(R, "train_one", fake_train_one)
     cfg = R.load_preset("evidence", None)
     cells = [
@@ -237,3 +239,56 @@ def test_step_time_is_the_fastest_seeds_median_and_memory_the_mean():
     row = evidence.setting_table("t", [p])[-2]
     assert "| 0.120 |" in row and "| 2,048 |" in row
     assert evidence.Point("t", "lora", "r=8", 8, "accuracy").step_time() is None
+
+
+def test_robustness_marks_runs_no_better_than_the_most_frequent_class(tmp_path):
+    """A run that predicts one class scores that class's share of the test set; the robustness table marks it
+    ``constant`` (not a trained run), as it marks non-finite runs ``diverged``; counts from provenance.label_counts."""
+    runs = [
+        _run(4, 3e-4, 0.80, test=0.81),
+        _run(4, 1e-3, 0.90, test=0.92),
+        _run(4, 3e-3, 0.51, test=0.524),  # the majority class (524 of 1000)
+        _run(4, 1e-2, 0.49, test=0.476),  # the minority class: no better either
+        _run(4, 3e-2, 0.53, test=0.528),  # within half a point of the majority share
+        _run(4, 1e-1, float("nan"), diverged=True),
+    ]
+    cell = _cell("evidence", "lora", "t", 0, runs, {4: 1})
+    cell["provenance"]["label_counts"] = {"train": [950, 1050], "val": [140, 160], "test": [476, 524]}
+    assert evidence.constant_accuracy(cell) == pytest.approx(0.524)
+    states = [evidence.run_state(r, "accuracy", 0.524) for r in runs]
+    assert states == ["trained", "trained", "constant", "constant", "constant", "diverged"]
+    _write_cells(tmp_path, [cell])
+    report, made = evidence.write_report(tmp_path, "python benchmarks/report.py --evidence X")
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| lora r=4 |"))
+    cols = [c.strip() for c in row.strip("|").split("|")]
+    assert cols[1:] == ["81.0", "92.0", "constant (52.4)", "constant (47.6)", "constant (52.8)", "diverged", "2/6"]
+    assert "most frequent class (52.4)" in report.read_text()
+    assert (tmp_path / "plots" / "evidence-robustness-t.png").stat().st_size > 1000
+    # without label counts (a cell from before they were recorded) only non-finite runs are marked
+    del cell["provenance"]["label_counts"]
+    assert evidence.constant_accuracy(cell) is None
+    assert [evidence.run_state(r, "accuracy", None) for r in runs][2:5] == ["trained"] * 3
+
+
+def test_label_counts_are_recorded_and_backfilled_from_the_data(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    from geolora.app import data as gdata
+
+    train = datasets.Dataset.from_dict({"text": ["a"] * 6, "label": [0, 1, 1, 2, 2, 2]})
+    test = datasets.Dataset.from_dict({"text": ["b"] * 4, "label": [2, 2, 0, 2]})
+    task = gdata.TaskData("t", train, test, ["x", "y", "z"])
+    splits = type("S", (), {"train": train.select([0, 1, 3, 4]), "val": train.select([2, 5]), "test": test})()
+    assert R.label_counts(task, splits) == {"train": [1, 1, 2], "val": [0, 1, 1], "test": [1, 0, 3]}
+    regression = gdata.TaskData("r", train, test, [])
+    assert R.label_counts(regression, splits) is None
+
+    monkeypatch.setattr(R, "_splits", lambda cell, data_dir: (task, splits))
+    path = tmp_path / "lora--t--0.json"
+    path.write_text(json.dumps({"runs": [], "provenance": {"split_sizes": {"train": 4, "val": 2, "test": 4}}}))
+    R.backfill_label_counts({"task": "t"}, path, None)
+    assert json.loads(path.read_text())["provenance"]["label_counts"]["test"] == [1, 0, 3]
+    # split sizes that differ from the data's: refused, the file left as it was
+    path.write_text(json.dumps({"runs": [], "provenance": {"split_sizes": {"train": 5, "val": 2, "test": 4}}}))
+    with pytest.raises(ValueError, match="split sizes differ"):
+        R.backfill_label_counts({"task": "t"}, path, None)
+    assert "label_counts" not in json.loads(path.read_text())["provenance"]
