@@ -330,7 +330,8 @@ def plot_robustness(task: str, rows: list[RobustRow], out: Path) -> Optional[Pat
             if state is None:
                 continue
             if state in FAILED_MARK:
-                ax.text(j, i, FAILED_MARK[state], ha="center", va="center", fontsize=7, color="red")
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, color="#f2d4d4", zorder=0))
+                ax.text(j, i, FAILED_MARK[state], ha="center", va="center", fontsize=7, color="#b00000")
                 continue
             v = 100 * row.runs[lr]["test"][row.metric]
             grid[i, j] = v
@@ -341,7 +342,7 @@ def plot_robustness(task: str, rows: list[RobustRow], out: Path) -> Optional[Pat
     ax.set_xlabel("learning rate")
     ax.set_title(
         f"{task}: test {rows[0].metric} (x100) per learning rate\n"
-        "div: diverged; const: no better than predicting the most frequent class",
+        "div: diverged; const: no better than predicting the most frequent class; blank: not run",
         fontsize=8,
     )
     fig.colorbar(im, ax=ax, fraction=0.03)
