@@ -404,6 +404,25 @@ def plot_rank_init(cells: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def rank_init_table(cells: list[dict]) -> list[str]:
+    """Per task and initial rank: the adapter parameters and total rank at the end, and the test metric."""
+    lines = [
+        "| task | seed | lr | initial r | final adapter params | final total rank (min-max per layer) | test |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cell in sorted(cells, key=lambda c: (c["task"], c["seed"])):
+        if cell["suite"] != RANK_INIT_SUITE:
+            continue
+        for run in sorted(cell["runs"], key=lambda r: r["r"]):
+            ranks = list(run["final_ranks"].values())
+            test = 100 * run["test"].get(cell["primary_metric"], float("nan"))
+            lines.append(
+                f"| {cell['task']} | {cell['seed']} | {run['lr']:g} | {run['r']} | {run['adapter_params_kept']:,} | "
+                f"{sum(ranks)} ({min(ranks)}-{max(ranks)}) | {test:.1f} |"
+            )
+    return lines + [""]
+
+
 def write_report(results_dir: Path, command: str) -> tuple[Path, list[Path]]:
     """``results_dir/evidence.md`` and its plots; returns the report's path and the plots written."""
     suites = load_results(results_dir)
@@ -458,6 +477,7 @@ def write_report(results_dir: Path, command: str) -> tuple[Path, list[Path]]:
     rank_plots = plot_rank_init(cells, plots)
     if rank_plots:
         lines += ["## GeoLoRA from several initial ranks under one r_max", ""]
+        lines += rank_init_table(cells)
         lines += [f"![{p.stem}](plots/{p.name})" for p in rank_plots] + [""]
         made += rank_plots
     names = sorted(f"{c['suite']}/{c['method']}--{c['task']}--{c['seed']}" for c in cells)

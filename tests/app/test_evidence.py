@@ -212,6 +212,9 @@ def test_evidence_report_finds_the_smallest_adapter_within_half_a_point(tmp_path
     assert "71.00 ± 1.41" in r1 and "+0.50" in r1
     assert "| adalora | target_r=4 | 1 | 70.00 ± 0.00 | 500 | 0.001 |" in text
     assert "diverged" in text  # the robustness table (adalora: six learning rates)
+    # the initial-rank runs: final size and total rank per initial r
+    assert "| t | 0 | 0.01 | 2 | 1,000 | 4 (2-2) | 80.0 |" in text
+    assert "| t | 0 | 0.01 | 16 | 1,000 | 32 (16-16) | 80.0 |" in text
     names = {p.name for p in made}
     assert {
         "evidence-pareto-t.png",
