@@ -32,6 +32,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from cells import COLORS, METHOD_ORDER, adapter_params_over_steps, load_results, save_figure  # noqa: E402
 
@@ -230,7 +231,11 @@ def plot_pareto(task: str, points: list[Point], out: Path) -> Optional[Path]:
         f = front(mine)
         ax.plot([p.params for p in f], [p.mean for p in f], "-", color=COLORS[m], alpha=0.6)
     ax.set_xscale("log")
-    ax.set_xlabel("adapter parameters kept after training (log)")
+    # thousands on the log axis, labels only at 1-2-5 decades (matplotlib's default crowds 3e5 and 4e5)
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))
+    ax.set_xlabel("adapter parameters kept after training (log scale)")
     ax.set_ylabel(f"test {scored[0].metric} (x100), mean ± std over seeds")
     ax.set_title(f"{task}: accuracy vs adapter size (lines: each method's front)", fontsize=9)
     ax.legend(fontsize=8)
