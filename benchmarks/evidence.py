@@ -172,7 +172,7 @@ def verdict_table(by_task: dict[str, list[Point]]) -> list[str]:
         for m in METHOD_ORDER:
             mine = [p for p in scored if p.method == m]
             if not mine:
-                row.append("not run")
+                row.append("no finished cell")
                 continue
             p = smallest_within(mine, top.mean)
             row.append(
