@@ -257,6 +257,10 @@ def label_counts(task: gdata.TaskData, splits) -> Optional[dict[str, list[int]]]
     return out
 
 
+def _split_sizes(splits) -> dict[str, int]:
+    return {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)}
+
+
 def _splits(cell: dict, data_dir: Optional[str]):
     d = cell["data"]
     task = T.load_raw_task(d.get("source", cell["task"]), data_dir, d.get("data_seed", 0))
@@ -272,11 +276,7 @@ def backfill_label_counts(cell: dict, path: Path, data_dir: Optional[str]) -> No
     if "label_counts" in result.get("provenance", {}):
         return
     task, splits = _splits(cell, data_dir)
-    if dict(result["provenance"].get("split_sizes", {})) != {
-        "train": len(splits.train),
-        "val": len(splits.val),
-        "test": len(splits.test),
-    }:
+    if dict(result["provenance"].get("split_sizes", {})) != _split_sizes(splits):
         raise ValueError(f"{path}: split sizes differ from the config's; cannot add label_counts")
     result["provenance"]["label_counts"] = label_counts(task, splits)
     _write(path, result)
@@ -291,7 +291,7 @@ def prepare(cell: dict, data_dir: Optional[str], cache_root: Path) -> dict:
     task, splits = _splits(cell, data_dir)
     prepared: dict[str, Any] = {
         "task": task,
-        "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test)},
+        "sizes": _split_sizes(splits),
         "label_counts": label_counts(task, splits),
         "source": task.source,
     }
@@ -607,10 +607,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{state}  {c['suite']}/{c['method']}--{c['task']}--{c['seed']}  r={c['budgets']} lr={lrs}")
         return 0
     is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
+    if is_main:  # a one-off annotation: a cell it cannot annotate is reported and left as it is, not a reason to stop
         for c in cells:
             if c not in todo:
-                backfill_label_counts(c, cell_path(results / c["suite"], c["method"], c["task"], c["seed"]), data_dir)
+                try:
+                    backfill_label_counts(
+                        c, cell_path(results / c["suite"], c["method"], c["task"], c["seed"]), data_dir
+                    )
+                except ValueError as e:
+                    logger.warning("%s", e)
     command = " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv)))
     common = {
         "preset": args.preset,

@@ -9,6 +9,7 @@ with the Hub sets' columns and features.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -225,6 +226,28 @@ def test_rerun_skips_finished_cells_and_resumes_partial_ones(smoke_results, caps
     redone = json.loads(cell_path.read_text())
     assert redone["runs"][0] == cell["runs"][0]  # reused, not retrained
     assert len(redone["runs"]) == 2 and not partial.exists()
+
+
+def test_rerun_adds_label_counts_to_finished_cells_and_warns_where_it_cannot(smoke_results, caplog):
+    """A cell finished before label counts were recorded gets them from the data on the next run (nothing trained,
+    nothing else in the file changed); one whose recorded split sizes differ from the data's is left as it was."""
+    args = ("run", "--preset", "smoke", "--results-dir", str(smoke_results), "--tasks", "sentiment", "--threads", "1")
+    path = smoke_results / "smoke" / "lora--sentiment--0.json"
+    cell = json.loads(path.read_text())
+    counts = cell["provenance"].pop("label_counts")
+    path.write_text(json.dumps(cell))
+    assert _main(*args, "--methods", "lora", "--seeds", "0") == 0
+    again = json.loads(path.read_text())
+    assert again["provenance"].pop("label_counts") == counts and again == cell
+    cell["provenance"]["split_sizes"]["train"] += 1
+    path.write_text(json.dumps(cell))
+    with caplog.at_level(logging.WARNING, logger="benchmarks.run"):
+        assert _main(*args, "--methods", "lora", "--seeds", "0") == 0
+    assert "split sizes differ" in caplog.text and str(path) in caplog.text
+    assert json.loads(path.read_text()) == cell  # untouched
+    cell["provenance"]["split_sizes"]["train"] -= 1
+    cell["provenance"]["label_counts"] = counts
+    path.write_text(json.dumps(cell))
 
 
 def test_report_writes_tables_and_plots(smoke_results):
