@@ -116,7 +116,8 @@ def load_preset(preset: Optional[str], config: Optional[str]) -> dict:
     if not path.is_file():
         raise SystemExit(f"no benchmark config '{path}' (presets: {sorted(p.stem for p in CONFIG_DIR.glob('*.yaml'))})")
     cfg = yaml.safe_load(path.read_text())
-    cfg["_path"] = str(path.relative_to(REPO) if path.resolve().is_relative_to(REPO) else path)
+    resolved = path.resolve()  # a relative --config is relative to the working directory, not to the repository
+    cfg["_path"] = str(resolved.relative_to(REPO) if resolved.is_relative_to(REPO) else path)
     return cfg
 
 
