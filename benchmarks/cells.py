@@ -37,6 +37,35 @@ def load_results(results_dir: Path, suites: Optional[list[str]] = None) -> dict[
     return dict(out)
 
 
+def load_runs(results_dir: Path, suites: Optional[list[str]] = None) -> list[dict]:
+    """Every run of every cell under ``results_dir``, interrupted cells (``*.partial.json``) included: one dict per
+    run with its cell's ``suite``, ``method``, ``task``, ``seed`` and ``status`` (``done`` or ``partial``) added.
+
+    Raises:
+        ValueError: a cell file that is not valid JSON (named).
+    """
+    out = []
+    for path in sorted(results_dir.glob("*/*.json")):
+        if suites and path.parent.name not in suites:
+            continue
+        try:
+            cell = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid cell file ({e})") from None
+        partial = path.name.endswith(".partial.json")
+        stem = path.name[: -len(".partial.json")] if partial else path.stem
+        parts = stem.split("--")  # <method>--<task>--<seed>, the runner's cell file name
+        if not (isinstance(cell, dict) and isinstance(cell.get("runs"), list) and len(parts) == 3):
+            continue  # other JSON files (hand-written notes, other tools' output)
+        # an interrupted cell's file holds only its finished runs: the rest of its identity is in its path
+        row = {"suite": path.parent.name, "method": parts[0], "task": parts[1], "seed": int(parts[2])}
+        row.update({k: cell[k] for k in ("suite", "method", "task", "seed") if k in cell})
+        status = "partial" if partial else cell.get("status", "done")
+        for run in cell["runs"]:
+            out.append({**row, "status": status, **run})
+    return out
+
+
 def adapter_params_over_steps(run: dict, method: str) -> tuple[list[int], list[int]]:
     """Adapter parameters at every rank snapshot: :func:`geolora.app.models.layer_parameters` of each layer's rank
     with the run's ``per_rank_params`` (what one rank costs in that layer)."""

@@ -619,7 +619,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     logger.warning("%s", e)
     command = " ".join(["benchmarks/run.py"] + (sys.argv[1:] if argv is None else list(argv)))
     common = {
-        "preset": args.preset,
+        "preset": None if args.config else args.preset,  # --config wins over --preset's default
         "config_file": cfg["_path"],
         **harness.provenance(command, repo=REPO),
         "data_dir": args.data_dir,

@@ -149,6 +149,48 @@ def test_first_seed_lr_selection_needs_the_first_seed(tmp_path):
         )
 
 
+def test_config_given_as_a_relative_path(tmp_path, monkeypatch):
+    """A relative ``--config`` is read from the working directory, inside the repository or outside it, and a run
+    from it records the config file, not the default preset's name."""
+    import run as R
+
+    monkeypatch.chdir(REPO)
+    assert R.load_preset(None, "configs/bench/smoke.yaml")["_path"] == "configs/bench/smoke.yaml"
+    (tmp_path / "mine.yaml").write_text((REPO / "configs" / "bench" / "smoke.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert R.load_preset(None, "mine.yaml")["_path"] == "mine.yaml"
+    for k, v in _env().items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "results"
+    argv = ["--config", "mine.yaml", "--results-dir", str(out), "--threads", "1"]
+    assert _main("run", *argv, "--tasks", "sentiment", "--methods", "lora", "--seeds", "0") == 0
+    cell = json.loads((out / "smoke" / "lora--sentiment--0.json").read_text())
+    assert cell["provenance"]["preset"] is None and cell["provenance"]["config_file"] == "mine.yaml"
+
+
+def test_runs_table_lists_every_run_interrupted_cells_included(tmp_path):
+    """``report.py --runs``: one row per run, an interrupted cell's (its file holds only ``runs``: the rest comes
+    from its path) as well as a finished one's; other JSON files are skipped and a broken cell file is named."""
+    suite = tmp_path / "sweep"
+    suite.mkdir()
+    run = {"r": 8, "lr": 1e-3, "val": {"accuracy": 0.9}, "test": {"accuracy": 0.8}, "adapter_params_kept": 1234}
+    run |= {"train_loss": [[1, 0.5], [2, 0.4], [3, 0.3], [4, 0.2]], "median_step_s": 0.1}
+    (suite / "geolora--tweets--0.partial.json").write_text(json.dumps({"runs": [run]}))
+    collapsed = run | {"lr": 0.1, "val": {"accuracy": float("nan")}, "test": {"accuracy": float("nan")}}
+    done = {"suite": "sweep", "method": "lora", "task": "tweets", "seed": 1, "status": "done", "runs": [collapsed]}
+    (suite / "lora--tweets--1.json").write_text(json.dumps(done))
+    (suite / "notes.json").write_text(json.dumps({"runs": "not a cell"}))
+    assert _main("report", "--runs", "--results-dir", str(tmp_path)) == 0
+    rows = [line for line in (tmp_path / "runs.md").read_text().splitlines() if line.startswith("| sweep")]
+    assert rows == [
+        "| sweep | geolora | tweets | 0 | partial | 8 | 0.001 | 90.0 | 80.0 | 1,234 | 0.300 | 0.100 |",
+        "| sweep | lora | tweets | 1 | done | 8 | 0.1 | diverged | diverged | 1,234 | 0.300 | 0.100 |",
+    ]
+    (suite / "adalora--tweets--0.json").write_text('{"runs": [')
+    with pytest.raises(ValueError, match=r"adalora--tweets--0\.json: not a valid cell file"):
+        _main("report", "--runs", "--results-dir", str(tmp_path))
+
+
 def test_efficientnet_pointwise_swap_keeps_outputs_and_freezes_batchnorm():
     import copy
 
