@@ -14,6 +14,7 @@ Reads the cell files that ``benchmarks/run.py --preset evidence`` writes (``conf
   size trained at five or more learning rates, with the runs that failed marked: diverged (non-finite loss) or no
   better than a constant prediction (test accuracy within half a point of the most frequent class's share);
 * GeoLoRA's adapter size over steps from several initial ranks (``evidence-rank-init-<task>.png``).
+* the preset's cost per task and method: runs, hours of training and the median step (every run counts).
 
 A size *setting* is LoRA's ``r``, AdaLoRA's ``target_r`` or GeoLoRA's ``tau`` (one ``r_max``, one initial ``r``).
 Only finished cells count (``status == "done"``); the listing at the end names what is missing from a full preset.
@@ -428,6 +429,35 @@ def rank_init_table(cells: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def cost_table(cells: list[dict]) -> list[str]:
+    """What the preset cost, per task and method, over every run of every finished cell (every suite, every lr
+    tried, widening included): runs, hours of training (sum of ``train_time_s``: wall time, so pauses and other
+    work on the machine count) and the median of the runs' median step times (pauses do not move it)."""
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for cell in cells:
+        for run in cell.get("runs") or []:
+            groups[(cell["task"], cell["method"])].append(run)
+            groups[(cell["task"], "all")].append(run)
+    if not groups:
+        return []
+    lines = [
+        "| task | method | runs | training hours | median step s |",
+        "|---|---|---|---|---|",
+    ]
+    order = {m: i for i, m in enumerate(METHOD_ORDER + ("all",))}
+    for task, method in sorted(groups, key=lambda k: (k[0], order.get(k[1], len(order)))):
+        runs = groups[(task, method)]
+        hours = sum(r.get("train_time_s") or 0.0 for r in runs) / 3600
+        steps = [r["median_step_s"] for r in runs if r.get("median_step_s") is not None]
+        step = f"{statistics.median(steps):.3f}" if steps else "n/a"
+        name = "**all**" if method == "all" else method
+        lines.append(f"| {task} | {name} | {len(runs)} | {hours:.1f} | {step} |")
+    total = sum(len(v) for (t, m), v in groups.items() if m == "all")
+    hours = sum(r.get("train_time_s") or 0.0 for (t, m), v in groups.items() if m == "all" for r in v) / 3600
+    lines += ["", f"In all: {total} runs, {hours:.1f} hours of training.", ""]
+    return lines
+
+
 def write_report(results_dir: Path, command: str) -> tuple[Path, list[Path]]:
     """``results_dir/evidence.md`` and its plots; returns the report's path and the plots written."""
     suites = load_results(results_dir)
@@ -485,6 +515,14 @@ def write_report(results_dir: Path, command: str) -> tuple[Path, list[Path]]:
         lines += rank_init_table(cells)
         lines += [f"![{p.stem}](plots/{p.name})" for p in rank_plots] + [""]
         made += rank_plots
+    lines += [
+        "## Cost of the preset",
+        "",
+        "Every run of every finished cell (all suites, every learning rate tried). Training hours are wall time "
+        "summed over runs; the median step is the median over runs of each run's median optimizer step.",
+        "",
+    ]
+    lines += cost_table(cells)
     names = sorted(f"{c['suite']}/{c['method']}--{c['task']}--{c['seed']}" for c in cells)
     lines += [f"Finished cells ({len(names)}): " + ", ".join(f"`{n}`" for n in names), ""]
     report = results_dir / "evidence.md"

@@ -223,6 +223,28 @@ def test_evidence_report_finds_the_smallest_adapter_within_half_a_point(tmp_path
         "evidence-rank-init-t.png",
     } <= names
     assert all((tmp_path / "plots" / n).stat().st_size > 1000 for n in names)
+    assert "## Cost of the preset" in text and "| t | **all** | 18 |" in text  # 3 + 3 + 3 + 1 + 6 + 2 runs
+
+
+def test_cost_table_sums_every_run_of_every_suite_per_task_and_method():
+    """Runs, hours of training and the median step, per task and method and per task in all: every run counts
+    (every lr tried, every suite), the step is the median of the runs' medians."""
+    lora = [dict(_run(1, lr, 0.7), train_time_s=1800.0, median_step_s=s) for lr, s in ((1e-3, 0.1), (3e-3, 0.3))]
+    lora.append(dict(_run(4, 1e-3, 0.7), train_time_s=3600.0, median_step_s=0.2))
+    geo = [dict(_run(8, 1e-2, 0.8), train_time_s=1080.0, median_step_s=0.5)]
+    cells = [
+        _cell("evidence", "lora", "t", 0, lora, {1: 0, 4: 2}),
+        _cell("evidence-geo-tau0.2", "geolora", "t", 0, geo, {8: 0}, tau=0.2),
+        _cell(evidence.RANK_INIT_SUITE, "geolora", "u", 0, [dict(geo[0], train_time_s=360.0)], {8: 0}, tau=0.1),
+    ]
+    lines = evidence.cost_table(cells)
+    assert "| t | geolora | 1 | 0.3 | 0.500 |" in lines  # 1080 s
+    assert "| t | lora | 3 | 2.0 | 0.200 |" in lines  # 1800 + 1800 + 3600 s; median of 0.1, 0.3, 0.2
+    assert "| t | **all** | 4 | 2.3 | 0.250 |" in lines  # median of 0.1, 0.2, 0.3, 0.5
+    assert "| u | geolora | 1 | 0.1 | 0.500 |" in lines
+    assert lines.index("| t | geolora | 1 | 0.3 | 0.500 |") < lines.index("| t | lora | 3 | 2.0 | 0.200 |")
+    assert "In all: 5 runs, 2.4 hours of training." in lines  # 8640 s
+    assert evidence.cost_table([]) == []
 
 
 def test_pareto_front_keeps_only_undominated_points():
