@@ -440,6 +440,10 @@ def cost_table(cells: list[dict]) -> list[str]:
             groups[(cell["task"], "all")].append(run)
     if not groups:
         return []
+
+    def hours(runs: list[dict]) -> float:
+        return sum(r.get("train_time_s") or 0.0 for r in runs) / 3600
+
     lines = [
         "| task | method | runs | training hours | median step s |",
         "|---|---|---|---|---|",
@@ -447,14 +451,12 @@ def cost_table(cells: list[dict]) -> list[str]:
     order = {m: i for i, m in enumerate(METHOD_ORDER + ("all",))}
     for task, method in sorted(groups, key=lambda k: (k[0], order.get(k[1], len(order)))):
         runs = groups[(task, method)]
-        hours = sum(r.get("train_time_s") or 0.0 for r in runs) / 3600
         steps = [r["median_step_s"] for r in runs if r.get("median_step_s") is not None]
         step = f"{statistics.median(steps):.3f}" if steps else "n/a"
         name = "**all**" if method == "all" else method
-        lines.append(f"| {task} | {name} | {len(runs)} | {hours:.1f} | {step} |")
-    total = sum(len(v) for (t, m), v in groups.items() if m == "all")
-    hours = sum(r.get("train_time_s") or 0.0 for (t, m), v in groups.items() if m == "all" for r in v) / 3600
-    lines += ["", f"In all: {total} runs, {hours:.1f} hours of training.", ""]
+        lines.append(f"| {task} | {name} | {len(runs)} | {hours(runs):.1f} | {step} |")
+    every = [run for (_, method), runs in groups.items() if method == "all" for run in runs]
+    lines += ["", f"In all: {len(every)} runs, {hours(every):.1f} hours of training.", ""]
     return lines
 
 
