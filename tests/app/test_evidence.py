@@ -200,7 +200,9 @@ def test_evidence_report_finds_the_smallest_adapter_within_half_a_point(tmp_path
     report, made = evidence.write_report(tmp_path, "python benchmarks/report.py --evidence X")
     text = report.read_text()
     # best mean: LoRA r=16 at 81.0; within 0.5 points: GeoLoRA tau=0.2 (80.6, 300 params) and LoRA r=16 (81.0) only
-    row = next(line for line in text.splitlines() if line.startswith("| t | "))
+    assert "| t | unknown | 6 | x |" in text.splitlines()  # the provenance table: the fixture records no CPU
+    verdict = text.split("## Smallest adapter", 1)[1]
+    row = next(line for line in verdict.splitlines() if line.startswith("| t | "))
     cols = [c.strip() for c in row.strip("|").split("|")]
     assert cols[1] == "81.00 (lora, r=16)"
     assert cols[2] == "300 params (tau=0.2, 80.60)"
@@ -245,6 +247,32 @@ def test_cost_table_sums_every_run_of_every_suite_per_task_and_method():
     assert lines.index("| t | geolora | 1 | 0.3 | 0.500 |") < lines.index("| t | lora | 3 | 2.0 | 0.200 |")
     assert "In all: 5 runs, 2.4 hours of training." in lines  # 8640 s
     assert evidence.cost_table([]) == []
+
+
+def test_provenance_table_lists_each_tasks_cpus_and_revisions_and_marks_dirty_trees():
+    """Cells of one preset come from several machines and sittings: the report says which, per task and CPU, and
+    tells a tree dirty only with result files from one with code changes."""
+    run = [_run(1, 1e-3, 0.7)]
+    cells = [_cell("evidence", "lora", "t", seed, run, {1: 0}) for seed in (0, 1, 2)]
+    cells.append(_cell("evidence", "lora", "u", 0, run, {1: 0}))
+    gits = [
+        {"revision": "aaaaaaa1234", "dirty": False, "dirty_paths": []},
+        {"revision": "bbbbbbb1234", "dirty": True, "dirty_paths": ["benchmarks/results/evidence/x.partial.json"]},
+        {"revision": "ccccccc1234", "dirty": True, "dirty_paths": ["geolora/optim.py"]},
+        {"revision": "ddddddd1234", "dirty": False, "dirty_paths": []},
+    ]
+    cpus = ["Xeon", "Xeon", "EPYC", "EPYC"]
+    versions = [{"torch": "2.13.0"}, {"torch": "2.13.0"}, {"torch": "2.13.0"}, {"torch": "2.12.0"}]
+    for cell, git, cpu, v in zip(cells, gits, cpus, versions):
+        cell["provenance"].update(git=git, hardware={"cpu": cpu}, versions=v)
+    lines = evidence.provenance_table(cells)
+    assert "| t | EPYC | 1 | ccccccc (dirty: code) |" in lines
+    assert "| t | Xeon | 2 | aaaaaaa, bbbbbbb (dirty: results files only) |" in lines
+    assert "| u | EPYC | 1 | ddddddd |" in lines
+    assert lines.index("| t | EPYC | 1 | ccccccc (dirty: code) |") < lines.index("| u | EPYC | 1 | ddddddd |")
+    assert "Versions (3 cells): {'torch': '2.13.0'}." in lines and "Versions (1 cells): {'torch': '2.12.0'}." in lines
+    assert "Versions (every cell): {'torch': '2.13.0'}." in evidence.provenance_table(cells[:3])
+    assert evidence.provenance_table([]) == []
 
 
 def test_pareto_front_keeps_only_undominated_points():
