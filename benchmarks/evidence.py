@@ -463,7 +463,9 @@ def cost_table(cells: list[dict]) -> list[str]:
 
 def _revision(git: dict) -> str:
     """A short revision, marked where the tree had uncommitted changes (and whether they were only result files)."""
-    rev = str(git.get("revision", "unknown"))[:7]
+    if not git.get("revision"):  # run outside a git checkout (or git missing): nothing to name
+        return "no git checkout"
+    rev = str(git["revision"])[:7]
     if not git.get("dirty"):
         return rev
     paths = git.get("dirty_paths") or []

@@ -273,6 +273,8 @@ def test_provenance_table_lists_each_tasks_cpus_and_revisions_and_marks_dirty_tr
     assert "Versions (3 cells): {'torch': '2.13.0'}." in lines and "Versions (1 cells): {'torch': '2.12.0'}." in lines
     assert "Versions (every cell): {'torch': '2.13.0'}." in evidence.provenance_table(cells[:3])
     assert evidence.provenance_table([]) == []
+    cells[3]["provenance"]["git"] = {"revision": None, "dirty": None, "dirty_paths": None}  # ran outside a checkout
+    assert "| u | EPYC | 1 | no git checkout |" in evidence.provenance_table(cells)
 
 
 def test_pareto_front_keeps_only_undominated_points():
