@@ -69,13 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (the probe needs Linux)")
-
-
 def run_child(args: argparse.Namespace, method: str) -> None:
     """Train one run and write one JSON line per record to stdout (the parent reads them)."""
     import peft
@@ -83,6 +76,7 @@ def run_child(args: argparse.Namespace, method: str) -> None:
 
     import geolora
     from benchmarks import tasks
+    from benchmarks.step_time import _vm_kib
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -130,7 +124,7 @@ def run_child(args: argparse.Namespace, method: str) -> None:
     print(json.dumps({"done": True, "rss_after_setup_mib": start_rss / 1024}), flush=True)
 
 
-def run_variant(args: argparse.Namespace, argv: list[str], variant: str, bar) -> dict:
+def run_variant(argv: list[str], variant: str, bar) -> dict:
     method, env_extra = VARIANTS[variant]
     env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", method]
@@ -169,13 +163,12 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     from geolora.app import harness
 
-    child_argv = [a for a in argv]
     prov = harness.provenance(" ".join(["python", "benchmarks/rss_probe.py", *argv]), repo=ROOT)
     prov["hardware"]["loadavg_at_start"] = os.getloadavg()
     results = {}
     for variant in args.variants:
         with tqdm(total=args.steps, desc=variant, unit="step") as bar:
-            results[variant] = run_variant(args, child_argv, variant, bar)
+            results[variant] = run_variant(argv, variant, bar)
     prov["hardware"]["loadavg_at_end"] = os.getloadavg()
     ref = results.get("geolora")
     ratios = {}

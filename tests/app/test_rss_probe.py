@@ -1,7 +1,6 @@
 """benchmarks/rss_probe.py: its arguments, one real run of two variants in fresh child processes on a randomly
 initialised EfficientNet-Lite0 (the results file, its trajectories and ratios), and a failing child's error."""
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -66,8 +65,6 @@ def test_probe_runs_each_variant_in_a_fresh_process_and_writes_the_results(tmp_p
 @pytest.mark.slow
 def test_a_failing_child_raises_with_its_error(tmp_path):
     # the parent validated nothing here: the child refuses --steps 0 and exits 2, and the parent reports its stderr
-    args = argparse.Namespace(steps=0)
-
     class Bar:
         n = 0
 
@@ -78,4 +75,4 @@ def test_a_failing_child_raises_with_its_error(tmp_path):
             pass
 
     with pytest.raises(RuntimeError, match=r"variant 'lora' failed \(exit 2\)(.|\n)*--steps must be >= 1"):
-        rss_probe.run_variant(args, ["--steps", "0"], "lora", Bar())
+        rss_probe.run_variant(["--steps", "0"], "lora", Bar())
